@@ -1,0 +1,127 @@
+"""The base class every recurrent cell derives from.
+
+A cell is a pure step function ``forward(x_t, state) -> (output_t, new_state)``
+(the contract of TF's ``RNNCell`` and Keras' cells). The state is a tuple of
+tensors whose sizes ``state_size`` lists; ``zero_state`` builds it.
+``forward_sequence`` runs the cell over a ``[batch, time, features]`` tensor with
+optional per-sequence lengths, following ``tf.nn.dynamic_rnn``: outputs past a
+sequence's length are zero and its last valid state is carried through.
+Cells with a cheaper sequence form (e.g. hoisting the input projection out of
+the loop) override :meth:`RNNCell.forward_sequence`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+State = tuple[Tensor, ...]
+
+
+class RNNCell(nn.Module):
+    """Base class of every rnnsearch cell.
+
+    Args:
+        input_size: features of ``x_t``.
+        hidden_size: units of the recurrent state.
+
+    Subclasses set ``output_size`` and ``state_size`` when they differ from the
+    defaults (``hidden_size`` and ``(hidden_size,)``) and implement ``forward``.
+
+    Call arguments (``forward``):
+        x_t: ``[batch, input_size]``.
+        state: tuple of ``[batch, state_size[i]]`` tensors.
+
+    Example:
+        >>> cell = create_cell("gru", input_size=3, hidden_size=8)
+        >>> out, state = cell(torch.zeros(2, 3), cell.zero_state(2))
+    """
+
+    #: Options a config may set, besides input_size/hidden_size (filled by subclasses).
+    options: tuple[str, ...] = ()
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.hidden_size = int(hidden_size)
+
+    @property
+    def output_size(self) -> int:
+        """Width of each step's output."""
+        return self.hidden_size
+
+    @property
+    def state_size(self) -> tuple[int, ...]:
+        """Width of each state tensor, in state order."""
+        return (self.hidden_size,)
+
+    def _reference(self) -> Tensor:
+        for p in self.parameters():
+            return p
+        for b in self.buffers():
+            return b
+        return torch.empty(0)
+
+    def zero_state(
+        self, batch_size: int, dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None
+    ) -> State:
+        """All-zero initial state: one ``[batch_size, n]`` tensor per entry of ``state_size``."""
+        ref = self._reference()
+        dtype = dtype or (ref.dtype if ref.is_floating_point() else torch.get_default_dtype())
+        device = device if device is not None else ref.device
+        return tuple(torch.zeros(batch_size, n, dtype=dtype, device=device) for n in self.state_size)
+
+    def start_sequence(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        """Called once before a sequence is run; wrappers draw per-sequence masks here."""
+
+    # A cell overrides either ``forward`` alone (the simple way), or the pair
+    # ``project_input`` + ``recur``: the input projection is then computed for
+    # all time steps in one matmul before the loop (fastrnns' hoisting), and the
+    # loop does only the recurrent part.
+    def project_input(self, x: Tensor) -> Tensor:
+        """Time-independent part of a step, applied to ``[..., input_size]`` (identity by default)."""
+        return x
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """One step given the projected input ``xp_t``; defaults to ``forward``."""
+        if type(self).forward is RNNCell.forward:
+            raise NotImplementedError(f"{type(self).__name__} must implement forward() or project_input()+recur()")
+        return self.forward(xp_t, state)
+
+    def forward(self, x_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """One step: ``x_t`` ``[batch, input_size]`` → ``(output [batch, output_size], new_state)``."""
+        return self.recur(self.project_input(x_t), state)
+
+    def forward_sequence(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> tuple[Tensor, State]:
+        """Run over ``x`` ``[batch, time, input_size]``; return ``(outputs [batch, time, output_size], final_state)``.
+
+        With ``lengths`` (``[batch]`` int64), steps at or past a sequence's
+        length leave its state unchanged and output zeros.
+        """
+        batch, steps = x.shape[0], x.shape[1]
+        if state is None:
+            state = self.zero_state(batch, dtype=x.dtype, device=x.device)
+        self.start_sequence(batch, x.device, x.dtype)
+        xp = self.project_input(x)  # (b, t, projected)
+        if lengths is not None:
+            lengths = lengths.to(xp.device)
+        outputs = []
+        for t, xp_t in enumerate(xp.unbind(1)):
+            out, new_state = self.recur(xp_t, state)
+            if lengths is not None:
+                valid = (lengths > t).unsqueeze(1)  # (b, 1)
+                out = out * valid.to(out.dtype)
+                new_state = tuple(torch.where(valid, n, s) for n, s in zip(new_state, state))
+            outputs.append(out)
+            state = new_state
+        if steps == 0:
+            return x.new_zeros(batch, 0, self.output_size), state
+        return torch.stack(outputs, 1), state
+
+    def extra_repr(self) -> str:
+        opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if hasattr(self, k))
+        return f"{self.input_size}, {self.hidden_size}" + (f", {opts}" if opts else "")

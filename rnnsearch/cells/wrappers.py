@@ -1,0 +1,242 @@
+"""Cell wrappers: ``dropout``, ``residual``, ``device``, ``zoneout``.
+
+A wrapper is itself an :class:`RNNCell` around another cell, so wrappers
+compose in config order (the first in ``model.wrappers`` wraps the cell, the
+next wraps that). They keep the inner cell's hoisted input projection, so a
+wrapped cell stays as fast as a bare one. Semantics follow TF 1.x
+``rnn_cell_impl.py`` (DropoutWrapper, ResidualWrapper, DeviceWrapper) and
+Krueger et al. 2016 for zoneout. Each is identity-free of randomness at eval.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from rnnsearch.errors import ConfigError, check_keep_prob
+from rnnsearch.registry import Registry, check_options
+
+from .base import RNNCell, State
+
+WRAPPERS: Registry[type["CellWrapper"]] = Registry("wrapper", entry_point_group="rnnsearch.wrappers")
+
+
+def register_wrapper(name: str, *, replace: bool = False) -> Callable[[Any], Any]:
+    """Class decorator adding a wrapper under ``name`` (usable in ``model.wrappers``)."""
+    return WRAPPERS.register(name, replace=replace)
+
+
+def list_wrappers(pattern: str = "*") -> list[str]:
+    """Registered wrapper names."""
+    return WRAPPERS.names(pattern)
+
+
+def create_wrapper(name: str, cell: RNNCell, **options: Any) -> "CellWrapper":
+    """Wrap ``cell`` in the wrapper registered as ``name``."""
+    cls = WRAPPERS.get(name)
+    check_options("wrapper", name, cls.__init__, options, skip=("self", "cell"))
+    return cls(cell, **options)
+
+
+class CellWrapper(RNNCell):
+    """Base of wrappers: delegates sizes, state and the step to ``self.cell``."""
+
+    def __init__(self, cell: RNNCell) -> None:
+        super().__init__(cell.input_size, cell.hidden_size)
+        self.cell = cell
+
+    @property
+    def output_size(self) -> int:
+        return self.cell.output_size
+
+    @property
+    def state_size(self) -> tuple[int, ...]:
+        return self.cell.state_size
+
+    def zero_state(self, batch_size: int, dtype: Optional[torch.dtype] = None,
+                   device: Optional[torch.device | str] = None) -> State:
+        return self.cell.zero_state(batch_size, dtype=dtype, device=device)
+
+    def start_sequence(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.cell.start_sequence(batch_size, device, dtype)
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return self.cell.project_input(x)
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        return self.cell.recur(xp_t, state)
+
+
+def _mask(shape: tuple[int, ...], keep: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Inverted-dropout mask: 1/keep with probability keep, else 0."""
+    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(keep) / keep
+
+
+@register_wrapper("dropout")
+class DropoutWrapper(CellWrapper):
+    """TF's DropoutWrapper: input dropout → cell → state dropout → output dropout.
+
+    Args:
+        cell: the wrapped cell.
+        input_keep_prob: keep probability of each input unit.
+        output_keep_prob: keep probability of each output unit.
+        state_keep_prob: keep probability of the state passed to the next step;
+            only the first state tensor (``h``) is dropped, never an LSTM's ``c``
+            (TF's default state filter).
+        variational_recurrent: draw one mask per sequence and reuse it at every
+            step (Gal & Ghahramani 2016) instead of a new mask each step.
+
+    At eval time (``module.eval()``) the wrapper is the identity.
+    """
+
+    options = ("input_keep_prob", "output_keep_prob", "state_keep_prob", "variational_recurrent")
+
+    def __init__(self, cell: RNNCell, input_keep_prob: float = 1.0, output_keep_prob: float = 1.0,
+                 state_keep_prob: float = 1.0, variational_recurrent: bool = False) -> None:
+        super().__init__(cell)
+        self.input_keep_prob = check_keep_prob("dropout input_keep_prob", input_keep_prob)
+        self.output_keep_prob = check_keep_prob("dropout output_keep_prob", output_keep_prob)
+        self.state_keep_prob = check_keep_prob("dropout state_keep_prob", state_keep_prob)
+        self.variational_recurrent = bool(variational_recurrent)
+        self._masks: dict[str, Tensor] = {}
+
+    def start_sequence(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().start_sequence(batch_size, device, dtype)
+        self._masks = {}
+        if self.variational_recurrent and self.training:
+            for key, keep, width in (("input", self.input_keep_prob, self.input_size),
+                                     ("state", self.state_keep_prob, self.state_size[0]),
+                                     ("output", self.output_keep_prob, self.output_size)):
+                if keep < 1.0:
+                    self._masks[key] = _mask((batch_size, width), keep, device, dtype)
+
+    def _drop(self, key: str, t: Tensor, keep: float) -> Tensor:
+        if keep >= 1.0 or not self.training:
+            return t
+        if not self.variational_recurrent:
+            return torch.nn.functional.dropout(t, 1.0 - keep, training=True)
+        mask = self._masks.get(key)
+        if mask is None or mask.shape[0] != t.shape[0]:  # stepping by hand without start_sequence
+            mask = self._masks[key] = _mask((t.shape[0], t.shape[-1]), keep, t.device, t.dtype)
+        return t * (mask.unsqueeze(1) if t.dim() == 3 else mask)
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return self.cell.project_input(self._drop("input", x, self.input_keep_prob))
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        out, new_state = self.cell.recur(xp_t, state)
+        if self.state_keep_prob < 1.0:
+            new_state = (self._drop("state", new_state[0], self.state_keep_prob),) + tuple(new_state[1:])
+        return self._drop("output", out, self.output_keep_prob), new_state
+
+
+@register_wrapper("residual")
+class ResidualWrapper(CellWrapper):
+    """TF's ResidualWrapper: ``output = input + cell_output`` (widths must match)."""
+
+    def __init__(self, cell: RNNCell) -> None:
+        super().__init__(cell)
+        if cell.input_size != cell.output_size:
+            raise ConfigError(
+                f"The residual wrapper adds a layer's input to its output, but this layer's input has "
+                f"{cell.input_size} features and its output {cell.output_size}. Make them equal (e.g. put "
+                f"residual only on layers whose input is hidden_size wide, use merge_mode=sum|ave|mul for "
+                f"bidirectional stacks, or drop num_proj)."
+            )
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return torch.cat([self.cell.project_input(x), x], -1)  # (..., projected + input)
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        inner, x_t = xp_t[:, : -self.input_size], xp_t[:, -self.input_size :]
+        out, new_state = self.cell.recur(inner, state)
+        return x_t + out, new_state
+
+
+@register_wrapper("device")
+class DeviceWrapper(CellWrapper):
+    """TF's DeviceWrapper: keeps the wrapped cell (and its state) on ``device``.
+
+    Inputs and states are moved there before each step; outputs stay there (the
+    next layer, or the model's head, moves them on). ``model.to(...)`` does not
+    move a device-wrapped cell off its device. Use it for model parallelism:
+    put the layers of a deep stack on different GPUs.
+    """
+
+    options = ("device",)
+
+    def __init__(self, cell: RNNCell, device: str = "cpu") -> None:
+        super().__init__(cell)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device wrapper: {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'.") from None
+        if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+            raise ConfigError(
+                f"device wrapper: {device!r} is not available here ({torch.cuda.device_count()} CUDA device(s)); "
+                f"use 'cpu' or an existing 'cuda:N'."
+            )
+        self.device = dev
+        self.cell.to(dev)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "DeviceWrapper":  # keep the cell pinned
+        super()._apply(fn, recurse)
+        self.cell.to(self.device)
+        return self
+
+    def zero_state(self, batch_size: int, dtype: Optional[torch.dtype] = None,
+                   device: Optional[torch.device | str] = None) -> State:
+        return self.cell.zero_state(batch_size, dtype=dtype, device=self.device)
+
+    def start_sequence(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.cell.start_sequence(batch_size, self.device, dtype)
+
+    def project_input(self, x: Tensor) -> Tensor:
+        return self.cell.project_input(x.to(self.device))
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        return self.cell.recur(xp_t, tuple(s.to(self.device) for s in state))
+
+
+@register_wrapper("zoneout")
+class ZoneoutWrapper(CellWrapper):
+    """Zoneout (Krueger et al. 2016): each state unit keeps its previous value with some probability.
+
+    Args:
+        cell: the wrapped cell.
+        h_prob: zoneout probability of the first state tensor (``h``); the paper uses 0.05.
+        c_prob: zoneout probability of the other state tensors (an LSTM's ``c``); the paper uses 0.5.
+
+    Training: ``s' = d·s + (1 - d)·s_new`` with ``d ~ Bernoulli(p)`` per unit and step.
+    Eval: the expectation, ``s' = p·s + (1 - p)·s_new``. The output is the new ``h``
+    when the cell outputs its ``h`` (output and first state of equal width).
+    """
+
+    options = ("h_prob", "c_prob")
+
+    def __init__(self, cell: RNNCell, h_prob: float = 0.05, c_prob: float = 0.5) -> None:
+        super().__init__(cell)
+        for name, p in (("h_prob", h_prob), ("c_prob", c_prob)):
+            if not (isinstance(p, (int, float)) and 0.0 <= float(p) < 1.0):
+                raise ConfigError(f"zoneout {name} must be a probability in [0, 1), got {p!r}.")
+        self.h_prob = float(h_prob)
+        self.c_prob = float(c_prob)
+
+    def _zone(self, old: Tensor, new: Tensor, p: float) -> Tensor:
+        if p == 0.0:
+            return new
+        if self.training:
+            keep_old = torch.empty_like(new).bernoulli_(p)
+            return torch.lerp(new, old, keep_old)
+        return torch.lerp(new, old, p)
+
+    def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        out, new_state = self.cell.recur(xp_t, state)
+        zoned = tuple(self._zone(o, n, self.h_prob if k == 0 else self.c_prob)
+                      for k, (o, n) in enumerate(zip(state, new_state)))
+        if self.cell.output_size == self.state_size[0] and out is new_state[0]:
+            out = zoned[0]
+        return out, zoned

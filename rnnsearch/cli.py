@@ -1,0 +1,70 @@
+"""The command line: ``python -m rnnsearch [overrides]``.
+
+A thin ``@hydra.main`` around :func:`rnnsearch.train.train` (and, with
+``+sweep``, :func:`rnnsearch.search.run`). Hydra rejects a bare ``+sweep``
+("missing EQUAL"), so :func:`main` rewrites it to ``+sweep=default`` first.
+Bad input ends with one clear message on stderr and exit status 2; a diverged
+run with status 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from rnnsearch.callbacks import EpochPrinter, TrainingDiverged
+from rnnsearch.errors import ConfigError
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """Turn Hydra-invalid shorthands into valid overrides (``+sweep`` → ``+sweep=default``)."""
+    return ["+sweep=default" if a == "+sweep" else a for a in argv]
+
+
+def format_metrics(result: dict[str, Any]) -> str:
+    """The final metrics as aligned ``key value`` lines."""
+    keys = [k for k in result if isinstance(result[k], (int, float, bool))]
+    width = max((len(k) for k in keys), default=0)
+    return "\n".join(f"  {k:<{width}}  {result[k]:.6g}" if isinstance(result[k], float) else f"  {k:<{width}}  {result[k]}"
+                     for k in keys)
+
+
+def run(cfg: DictConfig) -> Optional[dict[str, Any]]:
+    """Do what the composed config asks: a sweep if it has one, else one training run."""
+    if "sweep" in cfg and cfg.sweep is not None:
+        from rnnsearch.search import run_sweep
+
+        return run_sweep(cfg)
+    from rnnsearch.train import train
+    from rnnsearch.tracking import tracking_callbacks
+
+    callbacks = [EpochPrinter(), *tracking_callbacks(cfg)]
+    result = train(cfg, callbacks=callbacks)
+    print("final metrics (test/* use the best-validation weights):")
+    print(format_metrics(result))
+    return result
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ConfigError as exc:
+        print(f"rnnsearch: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as exc:
+        print(f"rnnsearch: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Entry point of ``python -m rnnsearch`` and the ``rnnsearch`` script."""
+    args = rewrite_argv(list(sys.argv[1:] if argv is None else argv))
+    sys.argv = [sys.argv[0], *args]
+    _hydra_main()

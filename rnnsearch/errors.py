@@ -1,0 +1,41 @@
+"""Errors rnnsearch raises for bad input.
+
+Every configuration problem is a :class:`ConfigError`: one paragraph that names
+the bad value and the valid choices. The CLI prints it without a traceback and
+exits with status 2, before any training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and what is allowed."""
+
+
+def choice_error(what: str, value: object, choices: Iterable[object], hint: str = "") -> ConfigError:
+    """Build the standard "unknown X 'v'; valid choices: a, b, c" error."""
+    valid = ", ".join(sorted(str(c) for c in choices)) or "(none)"
+    msg = f"Unknown {what} {value!r}; valid choices: {valid}."
+    if hint:
+        msg += f" {hint}"
+    return ConfigError(msg)
+
+
+def check_positive_int(what: str, value: object) -> int:
+    """Return ``value`` as an int if it is a positive integer, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
+    return value
+
+
+def check_keep_prob(what: str, value: object) -> float:
+    """Return ``value`` as a float if it lies in (0, 1], else raise ConfigError."""
+    try:
+        v = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{what} must be a number in (0, 1], got {value!r}.") from None
+    if not (0.0 < v <= 1.0):
+        raise ConfigError(f"{what} must be in (0, 1] (a keep probability, 1 = no dropout), got {value!r}.")
+    return v

@@ -1,0 +1,126 @@
+"""The fused path: a stack the cell registry describes, run by ``torch.nn.LSTM/GRU/RNN``.
+
+When every layer is a built-in cell with options the fused modules have, the
+only wrapper is non-variational output dropout, and both directions are
+concatenated, the stack is exactly what one ``torch.nn`` recurrent module
+computes (oneDNN on CPU, cuDNN on GPU). :func:`why_not_fusable` says why a
+stack is not; :class:`FusedStack` runs one that is, with the same interface as
+:class:`~rnnsearch.layers.CellStack`. TF's per-step ``forget_bias`` is folded
+into the initial forget-gate bias (the same function, and the same gradients,
+at every step). Variable lengths go through packed sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+@dataclass
+class LayerSpec:
+    """One resolved layer of the stack: cell name and options, width, wrappers."""
+
+    cell: str  # registry name
+    options: dict[str, Any]  # cell options, without sizes
+    hidden_size: int
+    wrappers: list[dict[str, Any]] = field(default_factory=list)  # [{name: ..., **options}]
+
+
+_DEFAULTS: dict[str, dict[str, Any]] = {
+    "lstm": {"activation": "tanh", "use_peepholes": False, "cell_clip": None, "proj_clip": None},
+    "gru": {"activation": "tanh", "reset_after": True},
+    "rnn": {},
+}
+_ALLOWED_EXTRA = {"lstm": {"forget_bias", "num_proj"}, "gru": set(), "rnn": {"activation"}}
+
+
+def _output_keep(wrappers: list[dict[str, Any]]) -> Optional[float]:
+    """The output keep probability if wrappers are at most one plain output dropout, else None."""
+    if not wrappers:
+        return 1.0
+    if len(wrappers) != 1:
+        return None
+    w = dict(wrappers[0])
+    if w.pop("name", None) != "dropout":
+        return None
+    if w.pop("variational_recurrent", False):
+        return None
+    if float(w.pop("input_keep_prob", 1.0)) != 1.0 or float(w.pop("state_keep_prob", 1.0)) != 1.0:
+        return None
+    keep = float(w.pop("output_keep_prob", 1.0))
+    return None if w else keep
+
+
+def why_not_fusable(specs: list[LayerSpec], bidirectional: bool, merge_mode: str) -> Optional[str]:
+    """None if ``torch.nn.LSTM/GRU/RNN`` computes this stack, else the reason it cannot."""
+    first = specs[0]
+    if first.cell not in _DEFAULTS:
+        return f"cell {first.cell!r} has no fused torch.nn equivalent (only lstm, gru, rnn do)"
+    for k, s in enumerate(specs):
+        if s.cell != first.cell or s.options != first.options or s.hidden_size != first.hidden_size:
+            return f"layer {k} differs from layer 0 (a fused module has one cell type and width)"
+        if s.wrappers != first.wrappers:
+            return f"layer {k} has other wrappers than layer 0"
+        for key, value in s.options.items():
+            if key in _ALLOWED_EXTRA[s.cell]:
+                continue
+            default = _DEFAULTS[s.cell].get(key, object())
+            if value != default:
+                return f"{s.cell} option {key}={value!r} is not supported by torch.nn.{s.cell.upper()}"
+        if s.cell == "rnn" and s.options.get("activation", "tanh") not in ("tanh", "relu"):
+            return "rnn activation must be tanh or relu"
+    if _output_keep(first.wrappers) is None:
+        return "wrappers other than plain (non-variational) output dropout run step by step"
+    if bidirectional and merge_mode != "concat":
+        return f"merge_mode={merge_mode!r} between layers (torch.nn concatenates directions)"
+    return None
+
+
+class FusedStack(nn.Module):
+    """A whole stack as one ``torch.nn.LSTM/GRU/RNN`` (plus output dropout).
+
+    Returns ``(outputs [b, t, out], last [b, out], finals)`` like CellStack;
+    ``finals`` is torch's ``h_n`` (and ``c_n``) per layer.
+    """
+
+    def __init__(self, specs: list[LayerSpec], input_size: int, bidirectional: bool) -> None:
+        super().__init__()
+        spec = specs[0]
+        self.kind = spec.cell
+        self.num_layers = len(specs)
+        self.bidirectional = bidirectional
+        keep = _output_keep(spec.wrappers)
+        assert keep is not None
+        common = dict(input_size=input_size, hidden_size=spec.hidden_size, num_layers=len(specs),
+                      batch_first=True, bidirectional=bidirectional, dropout=1.0 - keep if len(specs) > 1 else 0.0)
+        if self.kind == "lstm":
+            self.rnn: nn.RNNBase = nn.LSTM(proj_size=spec.options.get("num_proj") or 0, **common)
+            self.forget_bias = float(spec.options.get("forget_bias", 1.0))
+            with torch.no_grad():  # fold TF's constant forget bias into the initial bias
+                H = spec.hidden_size
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias_ih"):
+                        p[H : 2 * H] += self.forget_bias
+        elif self.kind == "gru":
+            self.rnn = nn.GRU(**common)
+        else:
+            self.rnn = nn.RNN(nonlinearity=spec.options.get("activation", "tanh"), **common)
+        self.out_dropout = nn.Dropout(1.0 - keep) if keep < 1.0 else nn.Identity()
+        width = (spec.options.get("num_proj") or spec.hidden_size) if self.kind == "lstm" else spec.hidden_size
+        self.output_size = width * (2 if bidirectional else 1)
+
+    def forward(self, x: Tensor, lengths: Optional[Tensor] = None, states: Any = None) -> tuple[Tensor, Tensor, Any]:
+        steps = x.shape[1]
+        if lengths is not None:
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            out, finals = self.rnn(packed, states)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
+        else:
+            out, finals = self.rnn(x, states)
+        h_n = finals[0] if isinstance(finals, tuple) else finals  # (layers*dirs, b, out)
+        last = torch.cat([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
+        return self.out_dropout(out), self.out_dropout(last), finals

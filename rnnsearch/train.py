@@ -1,0 +1,184 @@
+"""One training run: ``train(cfg) -> metrics``.
+
+``train`` builds the task and the model from the config, then ``fit`` runs the
+loop: seeded, on ``cfg.device`` (``auto|cpu|cuda|cuda:N``), Adam or SGD with
+gradient clipping, an epoch and optional step budget, validation each epoch,
+and a stop with a clear message when the loss becomes non-finite. Losses and
+metric sums accumulate on the device and are read once per epoch (no
+host–device sync per step). Side effects go only through callbacks
+(:mod:`rnnsearch.callbacks`): progress, pruning and tracking plug in there.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from rnnsearch.callbacks import Callback, StopTraining, TrainingDiverged
+from rnnsearch.errors import ConfigError, check_positive_int, choice_error
+from rnnsearch.model import build_model, count_parameters
+from rnnsearch.tasks import Task, create_task
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else CPU; otherwise validate the name."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device={name!r} is not a device; valid: auto, cpu, cuda, cuda:N.") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index or 0) >= n:
+            raise ConfigError(f"device={name!r} is not available: this machine has {n} CUDA device(s). Use device=auto or cpu.")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"device={name!r} is not supported; valid: auto, cpu, cuda, cuda:N.")
+    return dev
+
+
+def make_optimizer(cfg: Mapping[str, Any], params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """Adam / AdamW / SGD / RMSprop from ``cfg.optim`` (``name``, ``lr`` and the optimizer's own options)."""
+    opts = dict(cfg)
+    name = opts.pop("name", "adam")
+    lr = opts.pop("lr", None)
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
+        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}.")
+    classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+               "rmsprop": torch.optim.RMSprop}
+    if name not in classes:
+        raise choice_error("optimizer", name, OPTIMIZERS)
+    try:
+        return classes[name](params, lr=lr, **opts)
+    except TypeError as exc:
+        raise ConfigError(f"optim: {exc} (options of {name}: see torch.optim.{classes[name].__name__}).") from None
+
+
+def evaluate(model: nn.Module, task: Task, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Metrics of ``model`` on a whole split, as ``{"<split>/<name>": value}``."""
+    model.eval()
+    sums: dict[str, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for batch in task.batches(split, batch_size, device):
+            out = model(batch.x, batch.lengths)
+            for k, (s, n) in task.metric_sums(out, batch).items():
+                acc = sums.setdefault(k, [torch.zeros((), device=device), torch.zeros((), device=device)])
+                acc[0] += s.detach()
+                acc[1] += n
+    values = torch.stack([torch.stack([s, n]) for s, n in sums.values()]).tolist()  # one sync
+    return {f"{split}/{k}": (s / n if n else float("nan")) for k, (s, n) in zip(sums, values)}
+
+
+def _is_better(a: float, b: Optional[float], direction: str) -> bool:
+    if b is None or math.isnan(b):
+        return not math.isnan(a)
+    return a < b if direction == "minimize" else a > b
+
+
+def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any],
+        device: torch.device, callbacks: Sequence[Callback] = (), info: Optional[dict[str, Any]] = None,
+        seed: int = 0) -> dict[str, Any]:
+    """Train ``model`` on ``task``; returns the final metrics (see :func:`train`)."""
+    epochs = check_positive_int("train.epochs", cfg.get("epochs", 10))
+    batch_size = check_positive_int("train.batch_size", cfg.get("batch_size", 64))
+    eval_bs = check_positive_int("train.eval_batch_size", cfg.get("eval_batch_size") or 4 * batch_size)
+    max_steps = cfg.get("max_steps")
+    if max_steps is not None:
+        check_positive_int("train.max_steps", max_steps)
+    clip = cfg.get("grad_clip")
+    key = f"val/{task.metric}"
+    shuffle_gen = torch.Generator().manual_seed(seed)
+    info = dict(info or {}, model=model, task=task, device=str(device), epochs=epochs,
+                params=count_parameters(model))
+    for cb in callbacks:
+        cb.on_train_begin(info)
+
+    history: list[dict[str, float]] = []
+    best: Optional[float] = None
+    best_epoch = 0
+    best_state: Optional[dict[str, torch.Tensor]] = None
+    steps = 0
+    stopped = "epochs"
+    for epoch in range(1, epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        tokens = torch.zeros((), device=device, dtype=torch.long)
+        n_batches = 0
+        for batch in task.batches("train", batch_size, device, shuffle=True, generator=shuffle_gen):
+            optimizer.zero_grad(set_to_none=True)
+            out = model(batch.x, batch.lengths)
+            loss = task.loss(out, batch)
+            loss.backward()
+            if clip:
+                nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            optimizer.step()
+            loss_sum += loss.detach()
+            tokens += batch.tokens()
+            n_batches += 1
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                stopped = "max_steps"
+                break
+        train_loss, n_tokens = torch.stack([loss_sum / max(n_batches, 1), tokens.to(loss_sum.dtype)]).tolist()
+        train_seconds = time.perf_counter() - t0
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"Training diverged at epoch {epoch}: the mean training loss is {train_loss}. "
+                f"Try a lower optim.lr (now {optimizer.param_groups[0]['lr']:g}) or set train.grad_clip.")
+        metrics = {"train/loss": train_loss, **evaluate(model, task, "val", eval_bs, device)}
+        metrics.update(epoch_seconds=time.perf_counter() - t0, tokens_per_s=n_tokens / max(train_seconds, 1e-9))
+        history.append(metrics)
+        if _is_better(metrics[key], best, task.direction):
+            best, best_epoch = metrics[key], epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        try:
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, metrics)
+        except StopTraining:
+            stopped = "callback"
+            break
+        if stopped == "max_steps":
+            break
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    result: dict[str, Any] = dict(history[-1])
+    result.update({f"best/{key}": best, "best_epoch": best_epoch, "epochs": len(history), "steps": steps,
+                   "params": info["params"], "stopped_by": stopped})
+    result.update(evaluate(model, task, "test", eval_bs, device))
+    if task.solved is not None:
+        test = result[f"test/{task.metric}"]
+        result["solved"] = bool(test < task.solved if task.direction == "minimize" else test > task.solved)
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Train the model ``cfg`` describes on ``cfg.task`` once and return its metrics.
+
+    Returns the last epoch's metrics (``train/loss``, ``val/loss``, ``val/<metric>``,
+    ``epoch_seconds``, ``tokens_per_s``) plus ``best/val/<metric>``, ``best_epoch``,
+    ``epochs``, ``steps``, ``params`` and the test metrics of the best-validation
+    weights (``test/...``, ``solved``). Raises :class:`ConfigError` on bad input
+    before training and :class:`TrainingDiverged` on a non-finite loss.
+    """
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    seed = int(cfg.get("seed", 0))
+    device = resolve_device(cfg.get("device", "auto"))
+    task = create_task(cfg["task"])
+    torch.manual_seed(seed)
+    model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,
+                        token_input=task.token_input).to(device)
+    optimizer = make_optimizer(cfg.get("optim", {"name": "adam", "lr": 1e-3}), model.parameters())
+    return fit(model, task, optimizer, cfg.get("train", {}), device, callbacks, info={"cfg": cfg}, seed=seed)
