@@ -32,6 +32,9 @@ class Callback:
     def on_train_end(self, result: dict[str, Any]) -> None:
         """Called once with the final result (also after :class:`StopTraining`)."""
 
+    def on_train_abort(self, exc: BaseException) -> None:
+        """Called once when training ends by an exception (divergence, pruning, Ctrl-C, a bug); it is re-raised."""
+
 
 class EpochPrinter(Callback):
     """Prints one line per epoch (the CLI's progress display)."""

@@ -94,13 +94,28 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Map
     if max_steps is not None:
         check_positive_int("train.max_steps", max_steps)
     clip = cfg.get("grad_clip")
-    key = f"val/{task.metric}"
     shuffle_gen = torch.Generator().manual_seed(seed)
     info = dict(info or {}, model=model, task=task, device=str(device), epochs=epochs,
                 params=count_parameters(model))
     for cb in callbacks:
         cb.on_train_begin(info)
 
+    try:
+        result = _loop(model, task, optimizer, device, callbacks, epochs, batch_size, eval_bs, max_steps, clip,
+                       shuffle_gen, info["params"])
+    except BaseException as exc:
+        for cb in callbacks:
+            cb.on_train_abort(exc)
+        raise
+    for cb in callbacks:
+        cb.on_train_end(result)
+    return result
+
+
+def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device: torch.device,
+          callbacks: Sequence[Callback], epochs: int, batch_size: int, eval_bs: int, max_steps: Optional[int],
+          clip: Optional[float], shuffle_gen: torch.Generator, params: int) -> dict[str, Any]:
+    key = f"val/{task.metric}"
     history: list[dict[str, float]] = []
     best: Optional[float] = None
     best_epoch = 0
@@ -153,13 +168,11 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Map
         model.load_state_dict(best_state)
     result: dict[str, Any] = dict(history[-1])
     result.update({f"best/{key}": best, "best_epoch": best_epoch, "epochs": len(history), "steps": steps,
-                   "params": info["params"], "stopped_by": stopped})
+                   "params": params, "stopped_by": stopped})
     result.update(evaluate(model, task, "test", eval_bs, device))
     if task.solved is not None:
         test = result[f"test/{task.metric}"]
         result["solved"] = bool(test < task.solved if task.direction == "minimize" else test > task.solved)
-    for cb in callbacks:
-        cb.on_train_end(result)
     return result
 
 
