@@ -18,13 +18,26 @@ from omegaconf import DictConfig, OmegaConf
 
 from rnnsearch.callbacks import EpochPrinter, TrainingDiverged
 from rnnsearch.errors import ConfigError
+from rnnsearch.search.errors import SweepFailed
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def rewrite_argv(argv: list[str]) -> list[str]:
-    """Turn Hydra-invalid shorthands into valid overrides (``+sweep`` → ``+sweep=default``)."""
-    return ["+sweep=default" if a == "+sweep" else a for a in argv]
+    """Turn Hydra-invalid shorthands into valid overrides.
+
+    ``+sweep`` → ``+sweep=default``; ``sweep.params.X=choice(a,b)`` → ``sweep.params.X='choice(a,b)'``
+    (Hydra would otherwise read the sweep syntax as a ``--multirun`` sweep; the search reads it).
+    """
+    return ["+sweep=default" if a == "+sweep" else _quote_search_space(a) for a in argv]
+
+
+def _quote_search_space(arg: str) -> str:
+    key, eq, value = arg.partition("=")
+    if not eq or not key.lstrip("+~").startswith("sweep.params.") or not value or value[0] in "'\"[{":
+        return arg
+    quote = "'" if "'" not in value else '"'
+    return f"{key}={quote}{value}{quote}"
 
 
 def format_metrics(result: dict[str, Any]) -> str:
@@ -61,6 +74,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except TrainingDiverged as exc:
         print(f"rnnsearch: {exc}", file=sys.stderr)
         sys.exit(3)
+    except SweepFailed as exc:
+        print(f"rnnsearch: {exc}", file=sys.stderr)
+        sys.exit(4)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

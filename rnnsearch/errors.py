@@ -23,6 +23,17 @@ def choice_error(what: str, value: object, choices: Iterable[object], hint: str 
     return ConfigError(msg)
 
 
+def config_composition_message(exc: BaseException) -> str:
+    """One paragraph from a Hydra composition error (e.g. ``cell=foo``: an unknown config-group option)."""
+    missing, options = getattr(exc, "missing_cfg_file", None), getattr(exc, "options", None)
+    if missing and options:
+        group, _, name = str(missing).rpartition("/")
+        return str(choice_error(group or "config", name, options,
+                                hint=f"(the files in conf/{group}/ and on hydra.searchpath)"))
+    parts = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ is not None else [])
+    return " ".join(line.strip() for part in parts for line in part.splitlines() if line.strip())
+
+
 def check_positive_int(what: str, value: object) -> int:
     """Return ``value`` as an int if it is a positive integer, else raise ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

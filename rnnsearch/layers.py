@@ -65,6 +65,7 @@ class RecurrentLayer(nn.Module):
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None,
                 state: Optional[State] = None) -> tuple[Tensor, Tensor, State]:
+        x = x.to(_device_of(self.cell, x))  # a device-wrapped cell may live elsewhere
         if self.reverse:
             x = reverse_padded(x, lengths)
         outputs, final = self.cell.forward_sequence(x, state, lengths)
@@ -107,7 +108,7 @@ class BidirectionalLayer(nn.Module):
                 state: Optional[tuple[State, State]] = None) -> tuple[Tensor, Tensor, tuple[State, State]]:
         s_fw, s_bw = state if state is not None else (None, None)
         out_f, last_f, fin_f = self.fw(x, lengths, s_fw)
-        out_b, last_b, fin_b = self.bw(x.to(_device_of(self.bw.cell, x)), lengths, s_bw)
+        out_b, last_b, fin_b = self.bw(x, lengths, s_bw)
         out_b, last_b = out_b.to(out_f.device), last_b.to(out_f.device)
         return merge(out_f, out_b, self.merge_mode), merge(last_f, last_b, self.merge_mode), (fin_f, fin_b)
 

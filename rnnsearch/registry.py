@@ -58,13 +58,19 @@ class Registry(Generic[T]):
         for ep in entry_points(group=self.group):
             if ep.name in self._items:
                 continue
+            before = len(self._items)
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plug-in must not break the registry
                 warnings.warn(f"Could not load {self.kind} plug-in {ep.name!r} ({ep.value}): {exc}", stacklevel=2)
                 continue
             # Importing the module usually registers the object itself; otherwise register what was loaded.
-            if ep.name not in self._items:
+            if ep.name not in self._items and inspect.ismodule(obj):  # a module is never a cell/task itself
+                if len(self._items) == before:
+                    warnings.warn(f"The {self.kind} plug-in {ep.name!r} imported {ep.value} but it registered no "
+                                  f"{self.kind}; decorate the class or point the entry point at it "
+                                  f"('{ep.value}:ClassName').", stacklevel=2)
+            elif ep.name not in self._items:
                 self._items[ep.name] = obj
                 try:
                     setattr(obj, "registry_name", ep.name)

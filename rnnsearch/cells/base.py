@@ -114,7 +114,7 @@ class RNNCell(nn.Module):
             out, new_state = self.recur(xp_t, state)
             if lengths is not None:
                 valid = (lengths > t).unsqueeze(1)  # (b, 1)
-                out = out * valid.to(out.dtype)
+                out = out.masked_fill(~valid, 0.0)  # a select, not a product: NaN/inf padding stays out
                 new_state = tuple(torch.where(valid, n, s) for n, s in zip(new_state, state))
             outputs.append(out)
             state = new_state

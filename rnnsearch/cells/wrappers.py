@@ -179,12 +179,21 @@ class DeviceWrapper(CellWrapper):
                 f"device wrapper: {device!r} is not available here ({torch.cuda.device_count()} CUDA device(s)); "
                 f"use 'cpu' or an existing 'cuda:N'."
             )
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
         self.device = dev
         self.cell.to(dev)
 
-    def _apply(self, fn: Any, recurse: bool = True) -> "DeviceWrapper":  # keep the cell pinned
-        super()._apply(fn, recurse)
-        self.cell.to(self.device)
+    def _apply(self, fn: Any, recurse: bool = True) -> "DeviceWrapper":
+        # Keep the cell pinned without a round trip through the other device: ``fn``
+        # applies as is when it leaves a tensor here (dtype casts, share_memory_);
+        # when it moves tensors elsewhere (model.to/cuda/cpu) only its dtype change applies.
+        ref = next((p for p in self.cell.parameters() if p.is_floating_point()), None)
+        probe = fn(torch.zeros((), device=self.device, dtype=torch.float32 if ref is None else ref.dtype))
+        if probe.device == self.device:
+            return super()._apply(fn, recurse)
+        if ref is not None and probe.dtype != ref.dtype:
+            self.cell.to(dtype=probe.dtype)
         return self
 
     def zero_state(self, batch_size: int, dtype: Optional[torch.dtype] = None,

@@ -40,6 +40,14 @@ class Batch:
     def __len__(self) -> int:
         return self.x.shape[0]
 
+    def trim(self, steps: int) -> "Batch":
+        """The first ``steps`` time steps of ``x`` and of per-step ``y``/``mask`` (padding past every length)."""
+        if steps >= self.x.shape[1]:
+            return self
+        per_step_y = self.mask is not None and self.y.dim() >= 2 and self.y.shape[1] == self.x.shape[1]
+        return Batch(self.x[:, :steps], self.y[:, :steps] if per_step_y else self.y, self.lengths,
+                     None if self.mask is None else self.mask[:, :steps])
+
     def tokens(self) -> Tensor:
         """Number of real (unpadded) input steps, as a tensor on the batch's device."""
         if self.lengths is not None:
@@ -83,23 +91,41 @@ class Task:
         key = (name, str(device))
         if key not in self._cache:
             if (name, "cpu") not in self._cache:
-                g = torch.Generator().manual_seed(self.seed * 1000 + SPLITS.index(name))
-                self._cache[(name, "cpu")] = self.generate(self.sizes[name], g)
+                if name not in SPLITS:
+                    raise ValueError(f"Unknown split {name!r}; valid: {', '.join(SPLITS)}.")
+                self._cache[(name, "cpu")] = self.make_split(name)
             self._cache[key] = self._cache[(name, "cpu")].to(device)
         return self._cache[key]
+
+    def make_split(self, name: str) -> Batch:
+        """Build split ``name`` on the CPU (called once per split).
+
+        Synthetic tasks generate it from a CPU generator seeded with ``seed`` and
+        the split's index; tasks that read a fixed data set override this hook to
+        cut the data set into seeded splits instead.
+        """
+        g = torch.Generator().manual_seed(self.seed * 1000 + SPLITS.index(name))
+        return self.generate(self.sizes[name], g)
 
     def batches(self, split: str, batch_size: int, device: torch.device | str = "cpu",
                 shuffle: bool = False, generator: Optional[torch.Generator] = None) -> Iterator[Batch]:
         """Batches of ``split`` on ``device``; shuffled with ``generator`` (a CPU generator) if asked."""
         data = self.split(split, device)
+        cpu_lengths = self.split(split).lengths  # a CPU copy: trimming needs no device sync
         n = len(data)
-        order = torch.randperm(n, generator=generator).to(data.x.device) if shuffle else None
+        order = torch.randperm(n, generator=generator) if shuffle else None
+        order_dev = order.to(data.x.device) if order is not None else None
         for start in range(0, n, batch_size):
             if order is None:
-                yield Batch(*(None if t is None else t[start : start + batch_size]
-                              for t in (data.x, data.y, data.lengths, data.mask)))
+                batch = Batch(*(None if t is None else t[start : start + batch_size]
+                                for t in (data.x, data.y, data.lengths, data.mask)))
+                rows = cpu_lengths[start : start + batch_size] if cpu_lengths is not None else None
             else:
-                yield data.index(order[start : start + batch_size])
+                batch = data.index(order_dev[start : start + batch_size])
+                rows = cpu_lengths[order[start : start + batch_size]] if cpu_lengths is not None else None
+            if rows is not None:  # drop the columns that are padding in every row of this batch
+                batch = batch.trim(int(rows.max()))
+            yield batch
 
     # -- objective ----------------------------------------------------------------------
     def loss(self, output: Tensor, batch: Batch) -> Tensor:  # pragma: no cover - abstract

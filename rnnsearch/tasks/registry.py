@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from omegaconf import OmegaConf
 
 from rnnsearch.errors import ConfigError
-from rnnsearch.registry import Registry, check_options
+from rnnsearch.registry import Registry, accepted_options, check_options
 
 from .base import Task
 
@@ -43,5 +43,15 @@ def create_task(cfg: Mapping[str, Any] | str, **options: Any) -> Task:
             raise ConfigError("The task config has no 'name' (e.g. task=adding).")
         name = opts.pop("name")
     cls = TASKS.get(name)
+    if "permute" in opts and not _takes(cls, "permute"):
+        pixel_tasks = [n for n in list_tasks() if _takes(TASKS.get(n), "permute")]
+        raise ConfigError(f"task.permute={opts['permute']!r}: the task {name!r} has no pixels to permute. The fixed "
+                          f"pixel permutation (the pMNIST protocol) exists for {', '.join(pixel_tasks) or 'no task'}; "
+                          f"drop task.permute or use task=digits.")
     check_options("task", name, cls.__init__, opts, skip=("self",))
     return cls(**opts)
+
+
+def _takes(cls: type[Task], option: str) -> bool:
+    valid = accepted_options(cls.__init__, skip=("self",))
+    return valid is None or option in valid

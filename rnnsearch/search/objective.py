@@ -1,0 +1,184 @@
+"""One trial: compose its config, check its size, train it, and record how it ended.
+
+:class:`TrialObjective` is what ``study.optimize`` calls. A trial's outcome is
+kept on the trial as user attributes (``params`` count, ``epochs`` trained,
+``reason`` for a pruned or failed trial, ``worker``), so the report and the
+benchmark read them back from any storage:
+
+* trained to the end → COMPLETE with the objective values;
+* pruned by the pruner → PRUNED (the epoch is in ``reason``);
+* over ``sweep.max_params`` → PRUNED before training (``reason``), so samplers
+  such as TPE learn to avoid the region (they ignore FAIL trials);
+* non-finite loss (:class:`~rnnsearch.callbacks.TrainingDiverged`) → PRUNED
+  with ``reason = "diverged: ..."`` for the same reason;
+* any other exception → FAIL with ``reason`` (the study goes on; see
+  ``sweep.max_failures`` in :mod:`rnnsearch.search.workers`).
+
+Pruning goes through :class:`OptunaPruning`, a training-loop callback: the
+loop itself never imports Optuna.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+
+from rnnsearch.callbacks import Callback, TrainingDiverged
+from rnnsearch.errors import ConfigError
+
+from .compose import Composition, GroupOptions, compose_trial
+from .space import Param
+
+
+class OptunaPruning(Callback):
+    """Reports ``val/<metric>`` to the trial each epoch and raises ``TrialPruned`` when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, key: str, enabled: bool = True) -> None:
+        self.trial = trial
+        self.key = key
+        self.enabled = enabled
+        self.epochs = 0
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.epochs = epoch
+        value = metrics.get(self.key)
+        if not self.enabled or value is None or not math.isfinite(value):
+            return
+        self.trial.report(float(value), epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.key} = {value:.4g}")
+
+
+def suggest_with(trial: optuna.Trial) -> Any:
+    """``(key, distribution) -> value`` through the trial's public ``suggest_*`` methods."""
+
+    def suggest(key: str, dist: BaseDistribution) -> Any:
+        if isinstance(dist, CategoricalDistribution):
+            return trial.suggest_categorical(key, dist.choices)
+        if isinstance(dist, IntDistribution):
+            return trial.suggest_int(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        if isinstance(dist, FloatDistribution):
+            return trial.suggest_float(key, dist.low, dist.high, step=dist.step, log=dist.log)
+        raise TypeError(f"unsupported distribution {dist!r}")
+
+    return suggest
+
+
+def run_name(number: int, cfg: dict[str, Any]) -> str:
+    """``t017-lstm-2x128-bi``: trial number, cell, layers x hidden size, direction."""
+    model = cfg.get("model", {})
+    cell = cfg.get("cell", {}).get("name", "cell")
+    bi = "-bi" if model.get("bidirectional") else ""
+    return f"t{number:03d}-{cell}-{model.get('num_layers', 1)}x{model.get('hidden_size', '?')}{bi}"
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+@dataclass
+class TrialObjective:
+    """Everything one trial needs; picklable, so worker processes get their own copy."""
+
+    base: dict[str, Any]  # the composed config without `sweep` / `hydra`
+    space: list[Param]
+    fixed: list[Param]  # sweep.overrides
+    groups: GroupOptions
+    objectives: list[str]
+    metric: str  # the task's headline metric: val/<metric> is reported for pruning
+    prune: bool = True
+    max_params: Optional[int] = None
+    study_name: str = ""
+    parent_run_id: Optional[str] = None
+    on_start: Any = field(default=None, repr=False, compare=False)  # called once the trial exists (claim release)
+
+    def compose(self, trial: optuna.Trial) -> Composition:
+        return compose_trial(self.base, self.space, suggest_with(trial), self.groups, self.fixed)
+
+    def __call__(self, trial: optuna.Trial) -> float | Sequence[float]:
+        trial.set_user_attr("worker", worker_id())
+        if self.on_start is not None:
+            self.on_start()
+        start = time.perf_counter()
+        pruning = OptunaPruning(trial, f"val/{self.metric}", enabled=self.prune)
+        try:
+            comp = self.compose(trial)
+            cfg = comp.cfg
+            trial.set_user_attr("run_name", run_name(trial.number, cfg))
+            if self.max_params is not None:
+                n = count_params(cfg)
+                trial.set_user_attr("params", n)
+                if n > self.max_params:
+                    raise _Rejected(f"{n:,} parameters > sweep.max_params={self.max_params:,}")
+            callbacks = [*self._tracking(trial, cfg, comp.params), pruning]
+            from rnnsearch.train import train
+
+            result = train(cfg, callbacks=callbacks)
+        except _Rejected as exc:
+            trial.set_user_attr("reason", f"rejected: {exc}")
+            trial.set_user_attr("epochs", 0)
+            raise optuna.TrialPruned(str(exc)) from None
+        except optuna.TrialPruned as exc:
+            self._ended(trial, pruning, start, str(exc))
+            raise
+        except TrainingDiverged as exc:
+            self._ended(trial, pruning, start, f"diverged: {exc}")
+            raise optuna.TrialPruned(f"diverged: {exc}") from None
+        except KeyboardInterrupt:
+            self._ended(trial, pruning, start, "interrupted")
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as exc:
+            self._ended(trial, pruning, start, f"{type(exc).__name__}: {exc}")
+            raise
+        trial.set_user_attr("params", int(result["params"]))
+        trial.set_user_attr("epochs", int(result["epochs"]))
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+        trial.set_user_attr("metrics", {k: v for k, v in result.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and math.isfinite(v)})
+        missing = [k for k in self.objectives if k not in result]
+        if missing:
+            available = sorted(k for k, v in result.items() if isinstance(v, (int, float)))
+            raise ConfigError(f"sweep objective(s) {missing} are not metrics train() returns; "
+                              f"available: {', '.join(available)}.")
+        values = [float(result[k]) for k in self.objectives]
+        return values[0] if len(values) == 1 else values
+
+    def _ended(self, trial: optuna.Trial, pruning: OptunaPruning, start: float, reason: str) -> None:
+        trial.set_user_attr("reason", reason[:500])
+        trial.set_user_attr("epochs", pruning.epochs)
+        trial.set_user_attr("seconds", round(time.perf_counter() - start, 3))
+
+    def _tracking(self, trial: optuna.Trial, cfg: dict[str, Any], params: dict[str, Any]) -> list[Callback]:
+        from omegaconf import OmegaConf
+
+        from rnnsearch.tracking import tracking_callbacks
+
+        return list(tracking_callbacks(OmegaConf.create(cfg), parent_run_id=self.parent_run_id,
+                                       run_name=run_name(trial.number, cfg),
+                                       tags={"study": self.study_name, "trial": str(trial.number)},
+                                       params=dict(params)))
+
+
+class _Rejected(Exception):
+    """The composition is over the parameter budget."""
+
+
+def count_params(cfg: dict[str, Any]) -> int:
+    """Trainable parameters of the model ``cfg`` describes, built on the CPU without training."""
+    from rnnsearch.model import build_model, count_parameters
+    from rnnsearch.tasks import create_task
+
+    task = create_task(cfg["task"])
+    model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,
+                        token_input=task.token_input)
+    return count_parameters(model)

@@ -1,0 +1,239 @@
+"""``run_sweep(cfg)``: the whole sweep, from the ``sweep`` config section to the closing report.
+
+Steps: check the settings; parse the search space; open (or resume) the study
+in its storage and recover trials orphaned by a killed earlier run; enqueue the
+baseline compositions; open the tracking parent run; run the workers with the
+live progress display; print the best trials; write the best composition as a
+config; close the tracking run. A sweep stopped by ``sweep.max_failures``
+raises :class:`~rnnsearch.search.errors.SweepFailed` after the report.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Mapping
+from typing import Any, Optional, TextIO
+
+from omegaconf import OmegaConf
+
+from rnnsearch.errors import ConfigError
+
+from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
+from .errors import SweepFailed
+from .objective import TrialObjective
+from .progress import SweepProgress
+from .report import report, write_best_config
+from .settings import SweepSettings
+from .space import LAYER_TEMPLATE, Param, describe, flatten, parse_space
+from .study import (make_storage, objectives_and_directions, open_study, space_fingerprint, storage_spec)
+from .workers import WorkerJob, cpu_count, recover_orphans, resolve_workers, run_workers
+
+
+def _hydra_info() -> tuple[Optional[str], list[str]]:
+    """The sweep config's name and the user's command-line overrides, when run under ``@hydra.main``."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        return hc.runtime.choices.get("sweep"), list(hc.overrides.task)
+    except Exception:  # not under @hydra.main (tests, the Python API)
+        return None, []
+
+
+def _max_layers(space: list[Param], base_layers: int) -> int:
+    for p in space:
+        if p.key == "model.num_layers":
+            if p.fixed:
+                return int(p.value)
+            d = p.dist
+            return int(max(d.choices) if hasattr(d, "choices") else d.high)
+    return base_layers
+
+
+def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_layers: int) -> list[dict[str, Any]]:
+    """Flatten ``sweep.enqueue`` entries and check each key is a searched param."""
+    known = set()
+    for p in space:
+        if not p.fixed:
+            known.update(p.key.replace(LAYER_TEMPLATE, str(k)) for k in range(max_layers)) \
+                if LAYER_TEMPLATE in p.key else known.add(p.key)
+    out = []
+    for entry in entries:
+        flat = dict(flatten(dict(entry)))
+        flat = {(f"{k}.name" if f"{k}.name" in known and k not in known else k): v for k, v in flat.items()}
+        bad = sorted(set(flat) - known)
+        if bad:
+            raise ConfigError(f"sweep.enqueue entry {dict(entry)} sets {bad}, which sweep.params does not search; "
+                              f"searched keys: {', '.join(sorted(known))}.")
+        out.append(flat)
+    return out
+
+
+def _user_overrides(cli: list[str], trial: list[str]) -> list[str]:
+    """The user's command-line overrides that still apply next to the trial's (no sweep keys, no clashes)."""
+    def key(o: str) -> str:
+        return o.lstrip("+~").split("=", 1)[0]
+
+    taken = {key(o) for o in trial}
+    return [o for o in cli if not key(o).startswith("sweep") and key(o) not in taken]
+
+
+def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
+    """Run the sweep ``cfg.sweep`` describes on the composition ``cfg``; returns a summary.
+
+    Args:
+        cfg: the composed config (DictConfig or mapping) with a ``sweep`` section.
+        stream: where progress and the report go (default stdout).
+
+    Returns:
+        ``{"study", "storage", "trials", "complete", "pruned", "failed", "best_value", "best_params",
+        "best_config", "rerun", "stopped"}``.
+
+    Raises:
+        ConfigError: a bad sweep setting, search space or storage, before any trial runs.
+        SweepFailed: the last ``sweep.max_failures`` trials all failed (after the report).
+    """
+    import optuna
+
+    out = stream or sys.stdout
+    container = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    settings = SweepSettings.from_config(container.get("sweep"))
+    base = {k: v for k, v in container.items() if k not in ("sweep", "hydra")}
+    sweep_name, cli_overrides = _hydra_info()
+
+    groups = config_groups([k for k, v in base.items() if isinstance(v, Mapping)])
+    space = parse_space(settings.params, groups)
+    fixed = parse_space(settings.overrides, groups)
+    wanted: dict[str, set[Any]] = {}
+    for p in [*fixed, *space]:
+        head, _, rest = p.key.partition(".")
+        if rest == "name" and head in groups:
+            wanted.setdefault(head, set()).update(p.dist.choices if not p.fixed and hasattr(p.dist, "choices")
+                                                  else [p.value])
+    group_options = load_group_options(wanted)
+    if not any(not p.fixed for p in space):
+        raise ConfigError("sweep.params has nothing to search: give at least one choice(...), range(...) or "
+                          "interval(...), e.g. sweep.params.model.hidden_size='choice(32,64)'.")
+
+    first = compose_trial(base, [], replay({}), group_options, fixed)  # base + sweep.overrides
+    from rnnsearch.tasks import TASKS
+
+    task_cls = TASKS.get(first.cfg["task"]["name"])
+    objectives, directions = objectives_and_directions(settings, task_cls.metric, task_cls.direction)
+    study_name = settings.study_name or f"{sweep_name or 'sweep'}-{first.cfg['task']['name']}"
+    spec = storage_spec(settings.storage, study_name)
+    n, devices = resolve_workers(settings.workers)
+    if n > 1 and spec.startswith("sqlite"):
+        warnings.warn("SQLite storage with several workers may hit 'database is locked'; the default journal "
+                      "file (sweep.storage=null) or PostgreSQL is safer.", stacklevel=2)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = make_storage(spec, settings)
+    study = open_study(study_name, storage, directions)
+    fingerprint = space_fingerprint(space, objectives)
+    old = study.user_attrs.get("rnnsearch_space")
+    if old is None:
+        study.set_user_attr("rnnsearch_space", fingerprint)
+    elif old != fingerprint:
+        print(f"note: study {study_name} was started with another search space or objective; "
+              f"new trials use the current one.", file=out)
+    orphans = recover_orphans(study, settings.max_retry)
+    if orphans:
+        print(f"note: trial(s) {orphans} were left running by a worker that is gone; marked FAIL and re-queued.",
+              file=out)
+    max_layers = _max_layers(space, int(first.cfg.get("model", {}).get("num_layers", 1)))
+    for params in _check_enqueue(settings.enqueue, space, max_layers):
+        study.enqueue_trial(params, skip_if_exists=True)
+
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t.number for t in trials if t.state == optuna.trial.TrialState.WAITING]
+    start_number = min([*waiting, len(trials)])  # this run's trials: the queued ones and all new ones
+    finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
+    prune = settings.pruner != "none" and len(objectives) == 1
+    epochs = int(first.cfg.get("train", {}).get("epochs", 1))
+    _print_header(out, study_name, spec, settings, n, devices, objectives, directions, space, finished, prune)
+
+    from rnnsearch.tracking import finish_sweep_run, start_sweep_run
+
+    parent_run_id = start_sweep_run(cfg, study_name)
+    objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
+                               metric=task_cls.metric, prune=prune, max_params=settings.max_params,
+                               study_name=study_name, parent_run_id=parent_run_id)
+    threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
+    job = WorkerJob(settings=settings, storage=spec, study_name=study_name, objective=objective,
+                    n_trials=settings.n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
+                    threads=threads)
+    progress = SweepProgress(study_name, settings.n_trials, objectives, directions, start_number, n,
+                             mode=settings.progress, stream=out)
+    poll_study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
+    progress.start()
+    t0 = time.monotonic()
+    interrupted = False
+    stopped: Optional[str] = None
+    try:
+        stopped = run_workers(job, devices, poll=lambda: progress.update(poll_study.get_trials(deepcopy=False)),
+                              log=lambda m: print(m, file=out, flush=True))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.update(poll_study.get_trials(deepcopy=False))
+        progress.close()
+    elapsed = time.monotonic() - t0
+
+    study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
+    best = report(study, objectives, directions, settings.top, out, rich=progress.mode == "live")
+    summary: dict[str, Any] = {"study": study_name, "storage": spec, "seconds": elapsed, "stopped": stopped}
+    for state in ("complete", "pruned", "fail"):
+        summary["failed" if state == "fail" else state] = len(study.get_trials(
+            deepcopy=False, states=(getattr(optuna.trial.TrialState, state.upper()),)))
+    summary["trials"] = summary["complete"] + summary["pruned"]
+    summary.update(best_value=None, best_params=None, best_config=None, rerun=None)
+    if best is not None:
+        summary.update(best_value=best.values[0] if len(best.values) == 1 else list(best.values),
+                       best_params=dict(best.params), best_number=best.number)
+        comp = compose_trial(base, space, replay(best.params), group_options, fixed)
+        overrides = _trial_overrides(comp, base, fixed, group_options, groups)
+        overrides = _user_overrides(cli_overrides, overrides) + overrides
+        if settings.best_config:
+            path = settings.best_config.format(study=study_name)
+            rerun = write_best_config(path, comp.cfg, best, study_name, objectives, overrides)
+            summary.update(best_config=path, rerun=rerun)
+            print(f"best composition (trial {best.number}) written to {path}; rerun it with:\n  {rerun}", file=out)
+        print(f"or as overrides:\n  python -m rnnsearch {' '.join(overrides)}", file=out)
+        summary["overrides"] = overrides
+    if interrupted or (stopped and stopped.startswith("stopped")):
+        finish_sweep_run(cfg, parent_run_id, study, status="KILLED" if interrupted else "FAILED")
+    else:
+        finish_sweep_run(cfg, parent_run_id, study)
+    if interrupted:
+        print("interrupted: finished trials are stored; rerun the same command to resume.", file=out)
+        raise KeyboardInterrupt
+    if stopped and stopped.startswith("stopped"):
+        raise SweepFailed(f"sweep {study_name} {stopped}")
+    return summary
+
+
+def _trial_overrides(comp: Composition, base: Mapping[str, Any], fixed: list[Param], group_options: Any,
+                     groups: list[str]) -> list[str]:
+    group_params = [Param(k, None, v) for k, v in comp.params.items()
+                    if k.endswith(".name") and k.split(".")[0] in groups and k.count(".") == 1]
+    reference = compose_trial(base, [], replay({}), group_options, [*fixed, *group_params]).cfg
+    return override_list(comp, groups, reference)
+
+
+def _print_header(out: TextIO, study_name: str, spec: str, settings: SweepSettings, n: int, devices: list,
+                  objectives: list[str], directions: list[str], space: list[Param], finished: int,
+                  prune: bool) -> None:
+    where = ", ".join(f"GPU {d}" for d in devices) if devices and devices[0] is not None else "CPU"
+    resume = f" (resuming: {finished} already finished)" if finished else ""
+    objs = ", ".join(f"{o} ({d[:3]})" for o, d in zip(objectives, directions))
+    pruner = settings.pruner if prune else ("none (multi-objective)" if settings.pruner != "none" else "none")
+    print(f"sweep {study_name}: {settings.n_trials} trials{resume}, {n} worker(s) on {where}; "
+          f"sampler {settings.sampler} (seed {settings.seed}), pruner {pruner}; objective {objs}", file=out)
+    print(f"storage: {spec}", file=out)
+    width = max((len(p.key) for p in space), default=0)
+    for p in space:
+        print(f"  {p.key:<{width}}  {describe(p.dist, p.value)}", file=out)
+    out.flush()

@@ -1,0 +1,83 @@
+"""Shared fixtures: the real config directory, config composition, a CLI runner, seeding.
+
+Everything runs on CPU with tiny sizes; tests that need CUDA skip themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+torch.set_num_threads(1)  # tiny tensors: threads only add overhead (and stall on a busy machine)
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = REPO / "conf"
+
+#: Overrides that shrink the default composition to a few-second CPU run.
+TINY = ["train.epochs=1", "task.train_size=256", "task.val_size=64", "task.test_size=64", "task.seq_len=10",
+        "model.hidden_size=8", "device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def conf_dir() -> Path:
+    return CONF_DIR
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config ``python -m rnnsearch <overrides>`` would run, composed from the real ``conf/``."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def compose_cfg():
+    return compose_config
+
+
+def run_cli(args: list[str], cwd: Path, env: dict[str, str] | None = None,
+            timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m rnnsearch ARGS`` in a fresh interpreter (cwd: a temp dir, so Hydra's outputs stay there)."""
+    full_env = dict(os.environ)
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "rnnsearch", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    """``cli(*args, env=None)`` runs the CLI in a subprocess inside ``tmp_path``."""
+
+    def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli(list(args), tmp_path, env)
+
+    return _run
+
+
+@pytest.fixture
+def in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Run the test with ``tmp_path`` as the working directory."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5, what: Any = "") -> None:
+    """``max|a - b| < tol`` with a readable failure message."""
+    assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} != {tuple(b.shape)}"
+    diff = (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+    assert diff < tol, f"{what}: max|diff| = {diff:.3g} >= {tol:g}"
