@@ -9,15 +9,17 @@ run with status 3.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional
 
 import hydra
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from rnnsearch.callbacks import EpochPrinter, TrainingDiverged
-from rnnsearch.errors import ConfigError
+from rnnsearch.errors import ConfigError, config_composition_message
 from rnnsearch.search.errors import SweepFailed
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -83,4 +85,20 @@ def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``python -m rnnsearch`` and the ``rnnsearch`` script."""
     args = rewrite_argv(list(sys.argv[1:] if argv is None else argv))
     sys.argv = [sys.argv[0], *args]
-    _hydra_main()
+    # Hydra reports composition errors (e.g. cell=foo) itself, with exit status 1; let them reach
+    # us instead, so that every bad input is one paragraph and exit status 2 (HYDRA_FULL_ERROR=1 still
+    # shows Hydra's full trace).
+    user_full_error = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        _hydra_main()
+    except CompactHydraException as exc:
+        if user_full_error == "1":
+            raise
+        print(f"rnnsearch: error: {config_composition_message(exc)}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if user_full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = user_full_error

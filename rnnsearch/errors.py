@@ -31,6 +31,9 @@ def config_composition_message(exc: BaseException) -> str:
         return str(choice_error(group or "config", name, options,
                                 hint=f"(the files in conf/{group}/ and on hydra.searchpath)"))
     parts = [str(exc)] + ([str(exc.__cause__)] if exc.__cause__ is not None else [])
+    override = getattr(exc, "override", None)  # a parse error: say which argument
+    if override and override not in parts[0]:
+        parts.insert(0, f"Cannot parse the override {override!r}:")
     return " ".join(line.strip() for part in parts for line in part.splitlines() if line.strip())
 
 
@@ -47,6 +50,6 @@ def check_keep_prob(what: str, value: object) -> float:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must be a number in (0, 1], got {value!r}.") from None
-    if not (0.0 < v <= 1.0):
+    if not (0.0 <= v <= 1.0):
         raise ConfigError(f"{what} must be in (0, 1] (a keep probability, 1 = no dropout), got {value!r}.")
     return v

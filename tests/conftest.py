@@ -25,6 +25,8 @@ CONF_DIR = REPO / "conf"
 #: Overrides that shrink the default composition to a few-second CPU run.
 TINY = ["train.epochs=1", "task.train_size=256", "task.val_size=64", "task.test_size=64", "task.seq_len=10",
         "model.hidden_size=8", "device=cpu"]
+if (CONF_DIR / "tracking" / "none.yaml").exists():  # no MLflow store: tests check training, not tracking
+    TINY.append("tracking=none")
 
 
 @pytest.fixture(autouse=True)

@@ -111,6 +111,23 @@ def test_unfusable_stacks_use_the_cell_path_and_refuse_always(cell, extra, reaso
     assert reason in str(err.value) and "auto" in str(err.value) and "never" in str(err.value)
 
 
+@pytest.mark.parametrize("forget_bias", [1.0, -0.5])
+def test_fused_lstm_folds_forget_bias_into_the_initial_bias(forget_bias):
+    """The fused LSTM starts as the cell path would: torch's init plus forget_bias on every forget-gate bias_ih."""
+    models = {}
+    for fb in (0.0, forget_bias):
+        torch.manual_seed(5)
+        models[fb] = build_model(_cfg({"name": "lstm", "forget_bias": fb}, num_layers=2, bidirectional=True,
+                                      fused="always"), IN, OUT).stack.rnn
+    plain, folded = (dict(models[fb].named_parameters()) for fb in (0.0, forget_bias))
+    for name, p in folded.items():
+        delta = p - plain[name]
+        if name.startswith("bias_ih"):
+            assert_close(delta[H : 2 * H], torch.full((H,), forget_bias), tol=1e-6, what=name)
+            delta = torch.cat([delta[:H], delta[2 * H:]])
+        assert not delta.any(), f"{name} changed"
+
+
 def test_auto_uses_the_fused_path_when_equivalent():
     assert build_model(_cfg({"name": "lstm"}, fused="auto"), IN, OUT).fused
     assert not build_model(_cfg({"name": "lstm"}, fused="never"), IN, OUT).fused
@@ -131,6 +148,12 @@ def test_per_layer_overrides():
     assert model(torch.randn(2, 4, IN), torch.tensor([4, 2])).shape == (2, OUT)
 
 
+def test_per_layer_override_from_the_command_line_syntax():
+    cfg = compose_config(["model.num_layers=3", "model.hidden_size=4", "model.layers={2: {cell: {name: gru}}}"])
+    model = build_model(cfg, IN, OUT)
+    assert [layer.cell.registry_name for layer in model.stack.layers] == ["lstm", "lstm", "gru"]
+
+
 def test_per_layer_override_in_bidirectional_stack_and_list_form():
     cfg = _cfg({"name": "lstm"}, num_layers=2, bidirectional=True, layers=[None, {"cell": {"name": "rnn"}}])
     model = build_model(cfg, IN, OUT)
@@ -144,7 +167,7 @@ def test_token_input_and_raw_features():
     assert emb(torch.randint(0, 10, (2, 5))).shape == (2, 5, OUT)
     raw = build_model(_cfg({"name": "gru"}, embedding_size=0), IN, OUT)
     assert isinstance(raw.encoder, torch.nn.Identity)
-    assert raw.stack.layers[0].cell.input_size == IN if not raw.fused else raw.stack.rnn.input_size == IN
+    assert raw.fused and raw.stack.rnn.input_size == IN
 
 
 def _conf_names(group: str) -> list[str]:

@@ -12,16 +12,16 @@ them together). Importing this package is cheap; Optuna loads on first use.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, TextIO
 
 from .errors import SweepFailed
 
 
-def run_sweep(cfg: Any) -> dict[str, Any]:
+def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
     """Run the sweep ``cfg.sweep`` describes on the composition ``cfg``; see :func:`rnnsearch.search.run.run_sweep`."""
     from .run import run_sweep as _run_sweep
 
-    return _run_sweep(cfg)
+    return _run_sweep(cfg, stream=stream)
 
 
 __all__ = ["run_sweep", "SweepFailed"]

@@ -24,6 +24,7 @@ from rnnsearch.errors import ConfigError
 from .conditions import applies, num_layers
 from .space import LAYER_TEMPLATE, NO_WRAPPER, Param
 
+_MISSING = object()
 GroupOptions = dict[str, dict[str, dict[str, Any]]]  # group → option → that option's config
 Suggest = Callable[[str, BaseDistribution], Any]
 
@@ -66,7 +67,15 @@ def set_key(cfg: dict[str, Any], key: str, value: Any, groups: GroupOptions) -> 
         current = cfg.get(parts[0]) or {}
         if current.get("name") != value:
             option = groups[parts[0]].get(str(value))
-            cfg[parts[0]] = copy.deepcopy(option) if option is not None else {"name": value}
+            new = copy.deepcopy(option) if option is not None else {"name": value}
+            # carry the user's edits of the current option (cell.activation=relu) to the new one where
+            # it has that key, as Hydra does for `cell=gru cell.activation=relu`
+            file = groups[parts[0]].get(str(current.get("name")))
+            if file is not None:
+                for k, v in current.items():
+                    if k != "name" and k in new and file.get(k, _MISSING) != v:
+                        new[k] = copy.deepcopy(v)
+            cfg[parts[0]] = new
         return
     node: Any = cfg
     for seg, nxt in zip(parts[:-1], parts[1:]):
@@ -221,8 +230,6 @@ def override_list(comp: Composition, groups: Iterable[str], reference: Mapping[s
             out.append(f"{item}={hydra_value(value)}")
     return out
 
-
-_MISSING = object()
 
 
 def _lookup(cfg: Any, parts: list[str], missing: Any = None) -> Any:

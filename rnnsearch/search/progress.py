@@ -97,7 +97,7 @@ class SweepProgress:
         done = c.get("complete", 0) + c.get("pruned", 0)
         best = ""
         if self.best is not None:
-            best = f" | best {self.objectives[0]} {fmt_value(self.best.values[0])} ({trial_label(self.best)})"
+            best = f" | best: {self.objectives[0]}={fmt_value(self.best.values[0])} ({trial_label(self.best)})"
         return (f"[{done:>{len(str(self.n_trials))}}/{self.n_trials}] {c.get('complete', 0)} complete, "
                 f"{c.get('pruned', 0)} pruned, {c.get('failed', 0)} failed, {c.get('running', 0)} running{best}"
                 f" | elapsed {fmt_seconds(time.monotonic() - self.t0)}, ETA {fmt_seconds(self.eta())}")
@@ -124,9 +124,6 @@ class SweepProgress:
             self._live = Live(self._render([]), console=Console(file=self.stream), refresh_per_second=4,
                               transient=False)
             self._live.start()
-        elif self.mode == "plain":
-            print(f"sweep {self.study_name}: {self.n_trials} trials in total, {self.workers} worker(s)",
-                  file=self.stream, flush=True)
 
     def update(self, trials: Sequence[FrozenTrial]) -> None:
         """Show the study's current trials (call about once a second, or after each trial)."""

@@ -52,32 +52,61 @@ def _max_layers(space: list[Param], base_layers: int) -> int:
     return base_layers
 
 
-def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_layers: int) -> list[dict[str, Any]]:
-    """Flatten ``sweep.enqueue`` entries and check each key is a searched param."""
-    known = set()
+def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_layers: int,
+                   out: TextIO) -> list[dict[str, Any]]:
+    """Flatten ``sweep.enqueue`` entries; an unknown key is an error, a value outside its space skips the entry."""
+    known: dict[str, Any] = {}
     for p in space:
         if not p.fixed:
-            known.update(p.key.replace(LAYER_TEMPLATE, str(k)) for k in range(max_layers)) \
-                if LAYER_TEMPLATE in p.key else known.add(p.key)
-    out = []
-    for entry in entries:
+            keys = [p.key.replace(LAYER_TEMPLATE, str(k)) for k in range(max_layers)] if LAYER_TEMPLATE in p.key \
+                else [p.key]
+            known.update((k, p.dist) for k in keys)
+    result = []
+    for i, entry in enumerate(entries):
         flat = dict(flatten(dict(entry)))
         flat = {(f"{k}.name" if f"{k}.name" in known and k not in known else k): v for k, v in flat.items()}
-        bad = sorted(set(flat) - known)
+        bad = sorted(set(flat) - set(known))
         if bad:
             raise ConfigError(f"sweep.enqueue entry {dict(entry)} sets {bad}, which sweep.params does not search; "
                               f"searched keys: {', '.join(sorted(known))}.")
-        out.append(flat)
-    return out
+        outside = [f"{k}={v!r}" for k, v in flat.items() if not _in_space(known[k], v)]
+        if outside:
+            print(f"note: sweep.enqueue entry {i} skipped: {', '.join(outside)} outside the search space.", file=out)
+            continue
+        result.append(flat)
+    return result
 
 
-def _user_overrides(cli: list[str], trial: list[str]) -> list[str]:
-    """The user's command-line overrides that still apply next to the trial's (no sweep keys, no clashes)."""
+def _in_space(dist: Any, value: Any) -> bool:
+    if hasattr(dist, "choices"):
+        return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in dist.choices)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+
+
+def _user_overrides(cli: list[str], trial: list[str], cfg: Mapping[str, Any]) -> list[str]:
+    """The user's command-line overrides that still apply next to the trial's.
+
+    Drops sweep keys, keys the trial sets itself, and keys the trial's config
+    does not have (``cell.forget_bias`` once the trial switched to ``cell=gru``).
+    """
     def key(o: str) -> str:
         return o.lstrip("+~").split("=", 1)[0]
 
     taken = {key(o) for o in trial}
-    return [o for o in cli if not key(o).startswith("sweep") and key(o) not in taken]
+    return [o for o in cli if not key(o).startswith("sweep") and key(o) not in taken
+            and ("." not in key(o) or _has_key(cfg, key(o)))]
+
+
+def _has_key(cfg: Mapping[str, Any], dotted: str) -> bool:
+    node: Any = cfg
+    for seg in dotted.split("."):
+        if isinstance(node, Mapping) and (seg in node or (seg.isdigit() and int(seg) in node)):
+            node = node[seg] if seg in node else node[int(seg)]
+        elif isinstance(node, list) and seg.isdigit() and int(seg) < len(node):
+            node = node[int(seg)]
+        else:
+            return False
+    return True
 
 
 def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
@@ -112,6 +141,9 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
         if rest == "name" and head in groups:
             wanted.setdefault(head, set()).update(p.dist.choices if not p.fixed and hasattr(p.dist, "choices")
                                                   else [p.value])
+    for head in wanted:  # the base option too: to tell the user's edits of it from its file
+        if isinstance(base.get(head), Mapping) and "name" in base[head]:
+            wanted[head].add(base[head]["name"])
     group_options = load_group_options(wanted)
     if not any(not p.fixed for p in space):
         raise ConfigError("sweep.params has nothing to search: give at least one choice(...), range(...) or "
@@ -144,7 +176,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
         print(f"note: trial(s) {orphans} were left running by a worker that is gone; marked FAIL and re-queued.",
               file=out)
     max_layers = _max_layers(space, int(first.cfg.get("model", {}).get("num_layers", 1)))
-    for params in _check_enqueue(settings.enqueue, space, max_layers):
+    for params in _check_enqueue(settings.enqueue, space, max_layers, out):
         study.enqueue_trial(params, skip_if_exists=True)
 
     trials = study.get_trials(deepcopy=False)
@@ -195,7 +227,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
                        best_params=dict(best.params), best_number=best.number)
         comp = compose_trial(base, space, replay(best.params), group_options, fixed)
         overrides = _trial_overrides(comp, base, fixed, group_options, groups)
-        overrides = _user_overrides(cli_overrides, overrides) + overrides
+        overrides = _user_overrides(cli_overrides, overrides, comp.cfg) + overrides
         if settings.best_config:
             path = settings.best_config.format(study=study_name)
             rerun = write_best_config(path, comp.cfg, best, study_name, objectives, overrides)

@@ -87,9 +87,8 @@ def make_sampler(settings: SweepSettings, space: Sequence[Param], seed: int, n_t
         try:
             if name == "tpe":
                 opts.setdefault("n_startup_trials", min(10, max(3, n_trials // 4)))
-                opts.setdefault("multivariate", True)
-                opts.setdefault("group", True)
-                opts.setdefault("warn_independent_sampling", False)
+                opts.setdefault("group", True)  # conditional spaces: model each group of co-occurring params
+                opts.setdefault("multivariate", bool(opts["group"]) or None)
                 return s.TPESampler(seed=seed, **opts)
             if name == "random":
                 return s.RandomSampler(seed=seed, **opts)

@@ -220,6 +220,7 @@ def run_workers(job: WorkerJob, devices: list[Optional[str]], poll: Callable[[],
     ctx = mp.get_context("spawn")
     procs: dict[int, Any] = {}
     restarts = 0
+    exit_codes: list[int] = []
 
     def start(i: int) -> None:
         saved = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
@@ -252,6 +253,7 @@ def run_workers(job: WorkerJob, devices: list[Optional[str]], poll: Callable[[],
                 del procs[i]
                 if p.exitcode == 0:
                     continue
+                exit_codes.append(p.exitcode)
                 lost = recover_orphans(study, job.settings.max_retry, is_dead=lambda pid: pid == p.pid)
                 log(f"worker {i} (pid {p.pid}) exited with status {p.exitcode}"
                     + (f"; trial(s) {lost} marked FAIL and re-queued" if lost else ""))
@@ -265,5 +267,8 @@ def run_workers(job: WorkerJob, devices: list[Optional[str]], poll: Callable[[],
                 p.terminate()
         raise
     reason = should_stop(study, job)
-    return None if reason in (None, "done") else reason
+    if reason is None and exit_codes:
+        return (f"stopped: worker processes keep exiting (status {exit_codes[-1]}; {len(exit_codes)} exits, "
+                f"{restarts} restarts); see their errors above")
+    return None if reason == "done" else reason
 

@@ -88,13 +88,9 @@ class ArithmeticTask(Task):
     def baseline(self) -> float:  # type: ignore[override]
         """Test accuracy of always giving the training split's most frequent answer."""
         if self._baseline is None:
-            train, test = self.split("train"), self.split("test")
-            counts: dict[tuple[int, ...], int] = {}
-            for ans in _answers(train):
-                counts[ans] = counts.get(ans, 0) + 1
-            mode = max(counts, key=lambda a: (counts[a], a))
-            test_answers = _answers(test)
-            self._baseline = sum(a == mode for a in test_answers) / max(len(test_answers), 1)
+            answers, counts = _answers(self.split("train")).unique(dim=0, return_counts=True)
+            mode = answers[counts.argmax()]  # ties: the lexicographically smallest answer
+            self._baseline = float((_answers(self.split("test")) == mode).all(1).float().mean())
         return self._baseline
 
     def _operands(self, n: int, g: torch.Generator) -> Tensor:
@@ -109,33 +105,43 @@ class ArithmeticTask(Task):
     def generate(self, n: int, generator: torch.Generator) -> Batch:
         a, b = self._operands(n, generator), self._operands(n, generator)
         op = torch.randint(0, len(self.operations), (n,), generator=generator)
-        q_max = 2 * self.max_digits + 4  # sign, digits, operator, sign, digits, '='
-        counts = torch.randint(0, self.max_distractors + 1, (n, q_max), generator=generator)
-        letters = torch.randint(0, len(DISTRACTORS), (n, q_max, max(self.max_distractors, 1)), generator=generator)
-        rows = []
-        for i, (ai, bi, oi) in enumerate(zip(a.tolist(), b.tolist(), op.tolist())):
-            sym = self.operations[oi]
-            question = f"{ai}{sym}{bi}="
-            if self.max_distractors:
-                parts = []
-                for j, ch in enumerate(question):
-                    if j:  # distractors between successive characters
-                        parts.extend(DISTRACTORS[k] for k in letters[i, j, : counts[i, j]].tolist())
-                    parts.append(ch)
-                question = "".join(parts)
-            answer = f"{ai + bi if sym == '+' else ai - bi}."
-            rows.append((encode(question), encode(answer)))
-        lengths = torch.tensor([len(q) + len(ans) - 1 for q, ans in rows])
-        T = int(lengths.max())
-        x = torch.zeros(n, T, dtype=torch.long)
-        y = torch.zeros(n, T, dtype=torch.long)
-        mask = torch.zeros(n, T, dtype=torch.bool)
-        for i, (q, ans) in enumerate(rows):
-            seq = q + ans[:-1]  # the answer's characters are fed back, the end mark is only predicted
-            x[i, : len(seq)] = torch.tensor(seq)
-            y[i, len(q) - 1 : len(seq)] = torch.tensor(ans)
-            mask[i, len(q) - 1 : len(seq)] = True
-        return Batch(x, y, lengths, mask)
+        minus = torch.tensor([c == "-" for c in self.operations])[op]  # (n,) bool
+        c = torch.where(minus, a - b, a + b)
+        # Every character slot any example could use, with a validity mask; then compact each row.
+        a_chars, a_ok = _number_slots(a, self.max_digits)
+        b_chars, b_ok = _number_slots(b, self.max_digits)
+        op_char = torch.where(minus, TOKEN["-"], TOKEN["+"]).unsqueeze(1)  # (n, 1)
+        question = torch.cat([a_chars, op_char, b_chars, torch.full((n, 1), TOKEN["="])], 1)  # (n, 2·digits+4)
+        one = torch.ones(n, 1, dtype=torch.bool)
+        q_ok = torch.cat([a_ok, one, b_ok, one], 1)
+        if self.max_distractors:
+            question, q_ok = self._add_distractors(question, q_ok, generator)
+        answer, a_ok = _number_slots(c, self.max_digits + 1)
+        full = torch.cat([question, answer, torch.full((n, 1), TOKEN["."])], 1)
+        ok = torch.cat([q_ok, a_ok, torch.ones(n, 1, dtype=torch.bool)], 1)
+        order = torch.argsort((~ok).to(torch.int8), dim=1, stable=True)  # valid slots first, in order
+        full = full.gather(1, order)
+        total = ok.sum(1)  # (n,) characters including the end mark
+        q_len = q_ok.sum(1)  # (n,) question characters including '='
+        T = int(total.max()) - 1
+        steps = torch.arange(T).unsqueeze(0)  # (1, t)
+        lengths = total - 1  # the end mark is only predicted, never fed back
+        x = full[:, :T].masked_fill(steps >= lengths.unsqueeze(1), 0)
+        mask = (steps >= (q_len - 1).unsqueeze(1)) & (steps < lengths.unsqueeze(1))
+        y = full[:, 1 : T + 1].masked_fill(~mask, 0)
+        return Batch(x, y, lengths, mask)  # x, y, mask: (n, t)
+
+    def _add_distractors(self, chars: Tensor, ok: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Put 0..max_distractors letters before every real character but the first."""
+        n, w = chars.shape
+        k = self.max_distractors
+        counts = torch.randint(0, k + 1, (n, w), generator=g)
+        letters = torch.randint(TOKEN[DISTRACTORS[0]], len(CHARS), (n, w, k), generator=g)
+        first = ok & (ok.cumsum(1) == 1)
+        d_ok = (torch.arange(k) < counts.unsqueeze(2)) & (ok & ~first).unsqueeze(2)  # (n, w, k)
+        chars = torch.cat([letters, chars.unsqueeze(2)], 2).flatten(1)  # each slot: k distractors, then the char
+        ok = torch.cat([d_ok, ok.unsqueeze(2)], 2).flatten(1)
+        return chars, ok
 
     def loss(self, output: Tensor, batch: Batch) -> Tensor:
         return masked_mean(ce_sums(output, batch.y, batch.mask))
@@ -146,6 +152,21 @@ class ArithmeticTask(Task):
                 "accuracy": sequence_accuracy_sums(output, batch.y, batch.mask)}
 
 
-def _answers(batch: Batch) -> list[tuple[int, ...]]:
-    """Each row's answer tokens (the masked targets), as tuples."""
-    return [tuple(row[m].tolist()) for row, m in zip(batch.y, batch.mask)]
+def _number_slots(value: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Token slots ``(n, 1 + width)`` of ``value``'s sign and digits, and which slots are used."""
+    mag = value.abs()
+    powers = 10 ** torch.arange(width - 1, -1, -1)  # (width,) most significant first
+    digits = (mag.unsqueeze(1) // powers) % 10  # (n, width)
+    n_digits = 1 + (mag.unsqueeze(1) >= powers[:-1].flip(0)).sum(1) if width > 1 else torch.ones_like(mag)
+    used = torch.arange(width).unsqueeze(0) >= (width - n_digits).unsqueeze(1)
+    chars = torch.cat([torch.full_like(mag, TOKEN["-"]).unsqueeze(1), digits + TOKEN["0"]], 1)
+    ok = torch.cat([(value < 0).unsqueeze(1), used], 1)
+    return chars, ok
+
+
+def _answers(batch: Batch) -> Tensor:
+    """Each row's answer tokens (its masked targets), left-aligned and zero-padded: ``(n, longest answer)``."""
+    start = batch.mask.to(torch.int8).argmax(1, keepdim=True)  # (n, 1) first answer step
+    width = int(batch.mask.sum(1).max())
+    idx = (start + torch.arange(width)).clamp(max=batch.y.shape[1] - 1)
+    return (batch.y * batch.mask).gather(1, idx) * (torch.arange(width) < batch.mask.sum(1, keepdim=True))

@@ -20,6 +20,7 @@ by ``seed``; pixel values are scaled to [0, 1].
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -35,8 +36,9 @@ MODES = ("pixel", "row")
 N_IMAGES = 1797
 
 
+@functools.lru_cache(maxsize=1)
 def load_digits_tensors() -> tuple[Tensor, Tensor]:
-    """All 1,797 images as ``(n, 64)`` floats in [0, 1] and labels ``(n,)`` int64."""
+    """All 1,797 images as ``(n, 64)`` floats in [0, 1] and labels ``(n,)`` int64 (loaded once; do not modify)."""
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -92,7 +94,7 @@ class DigitsTask(Task):
         test_size = check_int("task.test_size", test_size, 1)
         rest = N_IMAGES - val_size - test_size
         if train_size is None:
-            train_size = rest
+            train_size = max(rest, 1)
         train_size = check_int("task.train_size", train_size, 1)
         if train_size > rest:
             raise ConfigError(f"task.train_size={train_size} + val_size={val_size} + test_size={test_size} exceeds the "

@@ -1,0 +1,171 @@
+"""End-to-end sweeps in this process: the default sweep shrunk to seconds, pruning, resume, failures, reports.
+
+``sweep_cfg`` composes the real ``conf/`` with ``+sweep`` and shrinks it; the
+other ``test_search_*`` files import it.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from conftest import compose_config
+from rnnsearch.cli import rewrite_argv
+from rnnsearch.search import SweepFailed, run_sweep
+
+#: Shrinks the default sweep to tiny models on tiny data (a trial takes well under a second).
+SHRINK = ["tracking=none", "device=cpu", "sweep.overrides.task.seq_len=8", "sweep.overrides.task.train_size=128",
+          "sweep.overrides.task.val_size=64", "sweep.overrides.task.test_size=64", "sweep.overrides.train.epochs=3",
+          "sweep.params.model.hidden_size=choice(4,8)", "sweep.progress=plain",
+          "sweep.enqueue=[{cell:{name:lstm},model:{hidden_size:8,num_layers:1,bidirectional:false}}]"]
+
+
+def sweep_cfg(tmp_path: Path, *overrides: str, sweep: str = "+sweep") -> Any:
+    """The default sweep, shrunk, with its storage and best config under ``tmp_path``."""
+    return compose_config(rewrite_argv([sweep, *SHRINK, "sweep.study_name=test",
+                                        f"sweep.storage={tmp_path}/test.journal",
+                                        f"sweep.best_config='{tmp_path}/best_{{study}}.yaml'", *overrides]))
+
+
+def load(tmp_path: Path, name: str = "test") -> optuna.Study:
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(tmp_path / f"{name}.journal"))))
+
+
+def sweep(cfg: Any) -> tuple[dict[str, Any], str]:
+    out = io.StringIO()
+    return run_sweep(cfg, stream=out), out.getvalue()
+
+
+def test_default_sweep_runs_end_to_end_and_writes_a_rerunnable_best_config(tmp_path: Path) -> None:
+    summary, text = sweep(sweep_cfg(tmp_path, "sweep.n_trials=5"))
+    study = load(tmp_path)
+    assert summary["trials"] == 5 == len(study.trials)
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.trials)
+    assert study.trials[0].params == {"cell.name": "lstm", "model.num_layers": 1, "model.bidirectional": False,
+                                      "model.hidden_size": 8, **{k: v for k, v in study.trials[0].params.items()
+                                                                 if k not in ("cell.name", "model.num_layers",
+                                                                              "model.bidirectional",
+                                                                              "model.hidden_size")}}
+    for t in study.trials:  # conditional params: recorded exactly where they applied
+        assert ("cell.forget_bias" in t.params) == (t.params["cell.name"] == "lstm")
+        assert ("model.wrappers.0.output_keep_prob" in t.params) == (t.params["model.wrappers.0.name"] == "dropout")
+        assert t.user_attrs["epochs"] >= 1 and t.user_attrs["params"] > 0
+        assert t.user_attrs["run_name"].startswith(f"t{t.number:03d}-{t.params['cell.name']}-")
+    best = yaml.safe_load((tmp_path / "best_test.yaml").read_text())
+    assert best["cell"]["name"] == summary["best_params"]["cell.name"] and "sweep" not in best
+    assert best["model"]["hidden_size"] == summary["best_params"]["model.hidden_size"]
+    assert "Best 5 trials of study test" in text or "Best" in text
+    assert f"--config-name best_test" in text and "python -m rnnsearch cell=" in text
+    # the written config composes as a primary config and trains as the trial did
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        again = compose(config_name="best_test")
+    from rnnsearch.train import train
+
+    assert train(again)["best/val/mse"] == pytest.approx(summary["best_value"], rel=1e-4)
+
+
+def test_pruning_prunes_and_saves_epochs(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.sampler=random", "sweep.overrides.train.epochs=4",
+                    "+sweep.pruner_options.n_startup_trials=2", "+sweep.pruner_options.n_warmup_steps=0")
+    summary, text = sweep(cfg)
+    study = load(tmp_path)
+    states = [t.state for t in study.trials]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert summary["pruned"] == len(pruned) >= 1 and TrialState.COMPLETE in states
+    assert all(t.user_attrs["epochs"] < 4 and t.user_attrs["reason"].startswith("pruned at epoch") for t in pruned)
+    assert all(len(t.intermediate_values) == t.user_attrs["epochs"] for t in pruned)
+    assert "pruned" in text
+
+
+def test_rerun_resumes_the_same_study(tmp_path: Path) -> None:
+    first, _ = sweep(sweep_cfg(tmp_path, "sweep.n_trials=3"))
+    before = {t.number: t.datetime_complete for t in load(tmp_path).trials}
+    second, text = sweep(sweep_cfg(tmp_path, "sweep.n_trials=5"))
+    study = load(tmp_path)
+    assert len(study.trials) == 5 and second["trials"] == 5
+    assert {t.number: t.datetime_complete for t in study.trials[:3]} == before  # not redone
+    assert "resuming: 3 already finished" in text
+    third, _ = sweep(sweep_cfg(tmp_path, "sweep.n_trials=5"))  # already complete: runs nothing
+    assert len(load(tmp_path).trials) == 5
+
+
+def test_failing_trials_are_recorded_and_max_failures_stops_the_sweep(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.max_failures=3", "+sweep.overrides.train.batch_size=0")
+    with pytest.raises(SweepFailed, match=r"last 3 trials all failed.*train.batch_size must be a positive integer"):
+        sweep(cfg)
+    study = load(tmp_path)
+    assert len(study.trials) == 3 and all(t.state == TrialState.FAIL for t in study.trials)
+    assert "batch_size" in study.trials[0].user_attrs["reason"]
+
+
+def test_divergence_and_budget_prune_other_errors_fail(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    from rnnsearch.callbacks import TrainingDiverged
+
+    module = importlib.import_module("rnnsearch.train")
+    real_train = module.train
+    calls = iter([TrainingDiverged("loss is nan"), RuntimeError("boom")])
+
+    def fake_train(cfg: Any, callbacks: Any = ()) -> dict:
+        exc = next(calls, None)
+        if exc is not None:
+            raise exc
+        return real_train(cfg, callbacks)
+
+    monkeypatch.setattr(module, "train", fake_train)
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=4", "sweep.max_params=400", "sweep.enqueue=[]",
+                    "sweep.params.cell.name=choice(rnn)", "sweep.params.model.num_layers=1",
+                    "sweep.params.model.bidirectional=false", "sweep.params.model.hidden_size=choice(4,16)")
+    summary, text = sweep(cfg)
+    trials = load(tmp_path).trials
+    reasons = [str(t.user_attrs.get("reason", "")) for t in trials]
+    rejected = [t for t, r in zip(trials, reasons) if r.startswith("rejected")]
+    diverged = [t for t, r in zip(trials, reasons) if r.startswith("diverged")]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert all(t.state == TrialState.PRUNED and t.user_attrs["params"] > 400 for t in rejected)
+    assert all(t.params["model.hidden_size"] == 16 for t in rejected)
+    assert len(diverged) == 1 and diverged[0].state == TrialState.PRUNED
+    assert len(failed) == 1 and failed[0].user_attrs["reason"] == "RuntimeError: boom"
+    assert summary["trials"] == 4 and "failed: 1x RuntimeError: boom" in text
+
+
+def test_multi_objective_sweep_reports_the_pareto_front(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=4", "sweep.objectives=[best/val/mse,params]", "sweep.sampler=nsga2")
+    summary, text = sweep(cfg)
+    study = load(tmp_path)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert "Pareto front of study test" in text and "pruner none (multi-objective)" in text
+    assert isinstance(summary["best_value"], list) and len(summary["best_value"]) == 2
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)  # no pruning with two objectives
+
+
+def test_grid_sampler_stops_when_the_grid_is_exhausted(tmp_path: Path) -> None:
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=20", "sweep.sampler=grid", "sweep.enqueue=[]", "sweep.pruner=none")
+    cfg.sweep.params = {"cell": {"name": "choice(rnn, gru)"}, "model": {"hidden_size": "choice(4, 8)"}}
+    summary, _ = sweep(cfg)
+    study = load(tmp_path)
+    assert len(study.trials) == 4
+    assert sorted((t.params["cell.name"], t.params["model.hidden_size"]) for t in study.trials) == [
+        ("gru", 4), ("gru", 8), ("rnn", 4), ("rnn", 8)]
+
+
+def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
+    from rnnsearch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sweep.enqueue entry .* which sweep.params does not search"):
+        sweep(sweep_cfg(tmp_path, "sweep.enqueue=[{model:{fused:never}}]"))
+    with pytest.raises(ConfigError, match="valid choices: hyperband, median, none, successive_halving"):
+        sweep(sweep_cfg(tmp_path, "sweep.pruner=asha"))
+    assert not (tmp_path / "test.journal").exists() or not load(tmp_path).trials
