@@ -79,6 +79,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except SweepFailed as exc:
         print(f"rnnsearch: {exc}", file=sys.stderr)
         sys.exit(4)
+    except KeyboardInterrupt:
+        print("rnnsearch: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -50,6 +50,6 @@ def check_keep_prob(what: str, value: object) -> float:
         v = float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         raise ConfigError(f"{what} must be a number in (0, 1], got {value!r}.") from None
-    if not (0.0 <= v <= 1.0):
+    if not (0.0 < v <= 1.0):
         raise ConfigError(f"{what} must be in (0, 1] (a keep probability, 1 = no dropout), got {value!r}.")
     return v

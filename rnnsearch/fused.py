@@ -104,7 +104,7 @@ class FusedStack(nn.Module):
                 H = spec.hidden_size
                 for name, p in self.rnn.named_parameters():
                     if name.startswith("bias_ih"):
-                        pass
+                        p[H : 2 * H] += self.forget_bias
         elif self.kind == "gru":
             self.rnn = nn.GRU(**common)
         else:
@@ -118,9 +118,9 @@ class FusedStack(nn.Module):
         if lengths is not None:
             packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
             out, finals = self.rnn(packed, states)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps, padding_value=1.0)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
         else:
             out, finals = self.rnn(x, states)
         h_n = finals[0] if isinstance(finals, tuple) else finals  # (layers*dirs, b, out)
-        last = torch.cat([h_n[-1], h_n[-2]], -1) if self.bidirectional else h_n[-1]
+        last = torch.cat([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
         return self.out_dropout(out), self.out_dropout(last), finals

@@ -69,7 +69,7 @@ class RecurrentLayer(nn.Module):
         if self.reverse:
             x = reverse_padded(x, lengths)
         outputs, final = self.cell.forward_sequence(x, state, lengths)
-        last = outputs[:, -1]
+        last = last_step(outputs, lengths)
         if self.reverse:
             outputs = reverse_padded(outputs, lengths)
         return outputs, last, final
@@ -84,7 +84,7 @@ def merge(a: Tensor, b: Tensor, mode: str) -> Tensor:
     if mode == "mul":
         return a * b
     if mode == "ave":
-        return a + b
+        return (a + b) * 0.5
     raise choice_error("merge_mode", mode, MERGE_MODES)
 
 

@@ -72,7 +72,7 @@ def resolve_layers(cfg: Any) -> list[LayerSpec]:
         if "cell" in o:
             oc = dict(o["cell"] or {})
             if "name" in oc and oc["name"] != base_cell.get("name"):
-                cell = dict(cell)
+                cell = {}
             cell.update(oc)
         if "name" not in cell:
             raise ConfigError("The cell config has no 'name' (e.g. cell=lstm).")

@@ -70,8 +70,12 @@ def test_baseline_is_the_training_frequency_nll(task):
     nll = -(y * p.log() + (1 - y) * (1 - p).log()).sum(1).mean()
     assert task.baseline == pytest.approx(float(nll), rel=1e-5)
     assert 5.0 < task.baseline < 20.0
-    zero = sum(float(s) for s, _ in [task.metric_sums(torch.zeros_like(test.y), test)["nll"]]) / float(test.mask.sum())
-    assert zero == pytest.approx(88 * math.log(2), rel=1e-5), "a coin per key costs 88 ln 2 nats per frame"
+    s, n = task.metric_sums(torch.zeros_like(test.y), test)["nll"]
+    assert float(s / n) == pytest.approx(task.baseline, rel=1e-5), "prior_offset: a zero output is the baseline"
+    raw = create_task("chorales", max_chorales=N, cache_dir=task.cache_dir, prior_offset=False)
+    s, n = raw.metric_sums(torch.zeros_like(test.y), raw.split("test"))["nll"]
+    assert float(s / n) == pytest.approx(88 * math.log(2), rel=1e-5), "a fair coin per key costs 88 ln 2 nats"
+    assert raw.baseline == pytest.approx(task.baseline)
 
 
 def test_padding_does_not_count(task):
@@ -92,16 +96,18 @@ def test_bad_options():
 
 
 @pytest.mark.slow
-def test_lstm_beats_the_frequency_baseline(task, cache_dir):
+def test_lstm_beats_the_frequency_baseline(cache_dir):
     from rnnsearch.train import train
+
+    task = {"name": "chorales", "max_chorales": 30, "cache_dir": str(cache_dir)}
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
     cfg = {"cell": {"name": "lstm"}, "model": {"hidden_size": 32, "num_layers": 1},
-           "task": {"name": "chorales", "max_chorales": N, "cache_dir": str(cache_dir)},
-           "optim": {"name": "adam", "lr": 1e-2}, "train": {"epochs": 60, "batch_size": 2}, "seed": 0, "device": "cpu"}
+           "task": task, "optim": {"name": "adam", "lr": 1e-2}, "train": {"epochs": 20, "batch_size": 4},
+           "seed": 0, "device": "cpu"}
     try:
         r = train(cfg)
     finally:
         torch.set_num_threads(threads)
-    assert r["test/nll"] < task.baseline - 0.5
+    assert r["test/nll"] < create_task(task).baseline - 0.5  # measured: 9.9 against 11.2

@@ -10,6 +10,7 @@ raises :class:`~rnnsearch.search.errors.SweepFailed` after the report.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 import warnings
@@ -264,7 +265,8 @@ def _print_header(out: TextIO, study_name: str, spec: str, settings: SweepSettin
     pruner = settings.pruner if prune else ("none (multi-objective)" if settings.pruner != "none" else "none")
     print(f"sweep {study_name}: {settings.n_trials} trials{resume}, {n} worker(s) on {where}; "
           f"sampler {settings.sampler} (seed {settings.seed}), pruner {pruner}; objective {objs}", file=out)
-    print(f"storage: {spec}", file=out)
+    shown = re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", spec)  # no password in logs
+    print(f"storage: {shown}", file=out)
     width = max((len(p.key) for p in space), default=0)
     for p in space:
         print(f"  {p.key:<{width}}  {describe(p.dist, p.value)}", file=out)

@@ -51,6 +51,21 @@ def is_url(spec: str) -> bool:
     return "://" in spec
 
 
+def database_url(url: str) -> str:
+    """``postgresql://`` → ``postgresql+psycopg2://`` when only psycopg2 is installed.
+
+    SQLAlchemy 2.1 maps a bare ``postgresql://`` to psycopg 3; the ``postgres``
+    extra installs psycopg2-binary. An explicit ``+driver`` is left alone.
+    """
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None \
+                and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
 def make_storage(spec: str, settings: SweepSettings) -> optuna.storages.BaseStorage:
     """The Optuna storage for ``spec`` (a journal file path or a URL)."""
     from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -67,7 +82,7 @@ def make_storage(spec: str, settings: SweepSettings) -> optuna.storages.BaseStor
         if not spec.startswith("sqlite"):
             kwargs["engine_kwargs"] = {"pool_pre_ping": True}
         try:
-            return RDBStorage(spec, heartbeat_interval=settings.heartbeat_interval,
+            return RDBStorage(database_url(spec), heartbeat_interval=settings.heartbeat_interval,
                               grace_period=settings.grace_period,
                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(settings.max_retry),
                               **kwargs)
@@ -217,7 +232,7 @@ class ClaimLock:
             import sqlalchemy
 
             if self._engine is None:
-                self._engine = sqlalchemy.create_engine(self.spec, poolclass=sqlalchemy.pool.NullPool)
+                self._engine = sqlalchemy.create_engine(database_url(self.spec), poolclass=sqlalchemy.pool.NullPool)
             self._conn = self._engine.connect()
             self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self.key})
         self.held = True

@@ -1,0 +1,120 @@
+"""Benchmark the default sweep: what pruning saves, and what a second worker adds.
+
+    python scripts/bench_sweep.py                      # both comparisons, the default sweep as shipped
+    python scripts/bench_sweep.py --n-trials 12 --only pruning --samplers tpe,random --json bench.json
+
+Runs the real command line (``python -m rnnsearch +sweep tracking=none ...``)
+in a fresh temporary directory per run, then reads each study back from its
+journal file:
+
+* pruning: the default pruner (median) vs ``sweep.pruner=none``, one worker,
+  the same sampler seed: total epochs trained, best value, wall time. With the
+  random sampler both runs try exactly the same compositions, which isolates
+  the pruner's effect; with TPE (the default) the sampler also reacts to the
+  pruned results, which is what a user gets.
+* workers: ``sweep.workers=1`` vs ``2`` (the default pruner): trials per hour,
+  from the first trial's start to the last trial's end (and for the whole
+  command, Python start-up and worker spawning included).
+
+On a shared machine the timings move with the load: the script prints the
+load average next to each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+
+def run_sweep(args: list[str], label: str) -> dict[str, Any]:
+    """One ``python -m rnnsearch +sweep`` run in a temp dir; returns its figures."""
+    with tempfile.TemporaryDirectory(prefix="bench_sweep_") as cwd:
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "rnnsearch", "+sweep", "tracking=none", "sweep.progress=plain",
+                               "sweep.study_name=bench", *args], cwd=cwd, text=True, capture_output=True)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"{label}: the sweep failed (status {done.returncode}):\n{done.stderr[-3000:]}")
+        study = optuna.load_study(study_name="bench",
+                                  storage=JournalStorage(JournalFileBackend(str(Path(cwd) / "bench.journal"))))
+        trials = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        start = min(t.datetime_start for t in trials)
+        end = max(t.datetime_complete for t in trials)
+        span = (end - start).total_seconds()
+        best = min(complete, key=lambda t: t.value) if complete else None
+        return {
+            "label": label, "args": args, "trials": len(trials), "complete": len(complete),
+            "pruned": len(trials) - len(complete),
+            "failed": sum(t.state == TrialState.FAIL for t in study.trials),
+            "epochs": sum(int(t.user_attrs.get("epochs", 0)) for t in trials),
+            "best_value": best.value if best else None, "best_trial": best.user_attrs.get("run_name") if best else None,
+            "best_params": best.params if best else None,
+            "sweep_seconds": round(span, 1), "command_seconds": round(wall, 1),
+            "trials_per_hour": round(len(trials) / span * 3600, 1) if span > 0 else None,
+            "trials_per_hour_command": round(len(trials) / wall * 3600, 1),
+            "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+        }
+
+
+def show(r: dict[str, Any]) -> None:
+    best = "-" if r["best_value"] is None else f"{r['best_value']:.5f} ({r['best_trial']})"
+    print(f"  {r['label']:<28} trials {r['trials']:>3} ({r['pruned']} pruned, {r['failed']} failed)  "
+          f"epochs {r['epochs']:>4}  best {best}  sweep {r['sweep_seconds']:.0f}s "
+          f"({r['trials_per_hour']} trials/h; command {r['command_seconds']:.0f}s, {r['trials_per_hour_command']} "
+          f"trials/h)  load {r['load_before']}->{r['load_after']}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-trials", type=int, default=None, help="sweep.n_trials (default: the sweep file's)")
+    parser.add_argument("--seed", type=int, default=0, help="sweep.seed")
+    parser.add_argument("--samplers", default="tpe,random", help="samplers for the pruning comparison")
+    parser.add_argument("--only", choices=("pruning", "workers"), default=None)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
+    a = parser.parse_args()
+    common = [f"sweep.seed={a.seed}", *([f"sweep.n_trials={a.n_trials}"] if a.n_trials else []), *a.overrides]
+    results: dict[str, Any] = {"cpu_count": os.cpu_count(), "pruning": [], "workers": []}
+    if a.only in (None, "pruning"):
+        print("pruning: default pruner (median) vs none, 1 worker")
+        for sampler in a.samplers.split(","):
+            pair = []
+            for pruner in ("median", "none"):
+                r = run_sweep([*common, f"sweep.sampler={sampler}", f"sweep.pruner={pruner}", "sweep.workers=1"],
+                              f"{sampler}, pruner={pruner}")
+                show(r)
+                pair.append(r)
+            saved = 1 - pair[0]["epochs"] / pair[1]["epochs"]
+            print(f"  -> {sampler}: the pruner trained {saved:.0%} fewer epochs; best {pair[0]['best_value']:.5f} "
+                  f"vs {pair[1]['best_value']:.5f} without pruning", flush=True)
+            results["pruning"].append({"sampler": sampler, "median": pair[0], "none": pair[1],
+                                       "epochs_saved": round(saved, 3)})
+    if a.only in (None, "workers"):
+        print("workers: 1 vs 2 (default pruner)")
+        runs = [run_sweep([*common, f"sweep.workers={n}"], f"workers={n}") for n in (1, 2)]
+        for r in runs:
+            show(r)
+        if runs[0]["trials_per_hour"] and runs[1]["trials_per_hour"]:
+            print(f"  -> 2 workers: {runs[1]['trials_per_hour'] / runs[0]['trials_per_hour']:.2f}x the trials/hour "
+                  f"of 1 (command: {runs[1]['trials_per_hour_command'] / runs[0]['trials_per_hour_command']:.2f}x)")
+        results["workers"] = runs
+    if a.json:
+        Path(a.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
