@@ -5,8 +5,8 @@ model (LSTM, 1×64, batch 64) this measures
 
 * ``gen_s`` — building all three splits once (generation, or loading a data
   set: scikit-learn's digits, the chorales' on-disk cache), a once-per-run cost;
-* ``batch_ms`` — drawing one shuffled, padding-trimmed batch on the device;
-* ``step_ms`` — one training step (forward, backward, clip, Adam) on such batches;
+* ``batch_ms`` — drawing one shuffled, padding-trimmed batch on the device (median);
+* ``step_ms`` — one training step (forward, backward, clip, Adam) on such batches (median);
 
 and prints ``batch %`` = batch_ms / step_ms, ``gen %`` = gen_s spread over the
 steps of a default run (``train.epochs`` of ``conf/config.yaml``) / step_ms, and
@@ -60,12 +60,17 @@ def bench(name: str, device: torch.device, batch_size: int, steps: int, epochs: 
     gen_s = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(0)
-    n_batches, t0 = 0, time.perf_counter()
-    for _ in range(3):
-        for _batch in task.batches("train", batch_size, device, shuffle=True, generator=g):
-            n_batches += 1
-    sync(device)
-    batch_ms = (time.perf_counter() - t0) / n_batches * 1e3
+    draws: list[float] = []
+    while len(draws) < 50:  # median time to draw one batch, over whole epochs
+        it = task.batches("train", batch_size, device, shuffle=True, generator=g)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            sync(device)
+            if batch is None:
+                break
+            draws.append(time.perf_counter() - t0)
+    batch_ms = statistics.median(draws) * 1e3
 
     torch.manual_seed(0)
     model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,

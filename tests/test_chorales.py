@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 
 import pytest
@@ -54,12 +55,20 @@ def test_cache_is_reused_without_parsing(task, cache_dir, monkeypatch):
     files = list(cache_dir.glob("chorales-*.pt"))
     assert len(files) == 1
     monkeypatch.setattr(mod, "piano_roll", lambda name: pytest.fail(f"parsed {name} again"))
+    monkeypatch.setattr(mod, "chorale_names", lambda: pytest.fail("asked music21 for the chorale list again"))
     again = create_task("chorales", max_chorales=N, cache_dir=str(cache_dir))
     for s in SPLITS:
         assert torch.equal(again.split(s).y, task.split(s).y)
     other = create_task("chorales", max_chorales=N, cache_dir=str(cache_dir), seed=1).split("test").y
     mine = task.split("test").y
     assert other.shape != mine.shape or not torch.equal(other, mine), "another seed, another split"
+
+
+def test_a_damaged_cache_is_rebuilt(tmp_path, task):
+    (tmp_path / f"chorales-music21-{importlib.metadata.version('music21')}-v{mod.CACHE_VERSION}.pt").write_bytes(b"junk")
+    rolls = mod.load_rolls(3, tmp_path)
+    assert len(rolls) == 3 and all(r.shape[1] == 88 for r in rolls)
+    assert [r.shape for r in mod.load_rolls(3, tmp_path)] == [r.shape for r in rolls]
 
 
 def test_baseline_is_the_training_frequency_nll(task):

@@ -161,6 +161,7 @@ def test_entry_points_load_lazily_on_first_lookup(plugin_on_path):
     assert "ep_mgu" in list_cells()  # loaded once; no second round of warnings or imports
 
 
+@pytest.mark.slow
 def test_cli_trains_a_cell_from_an_entry_point_with_its_own_conf(tmp_path: Path, cli):
     """The user story: ship a cell in a package, add conf/cell/NAME.yaml, run ``cell=NAME``."""
     plugin = write_plugin(tmp_path / "site")

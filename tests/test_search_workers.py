@@ -6,7 +6,6 @@ import os
 import socket
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import optuna
 import pytest

@@ -78,6 +78,29 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
     return result
 
 
+def _check_compatible(study: Any, space: list[Param], study_name: str) -> None:
+    """Optuna keeps a param's kind (and a categorical's choices) fixed within a study: check before resuming."""
+    from optuna.distributions import check_distribution_compatibility
+
+    seen: dict[str, Any] = {}
+    for t in study.get_trials(deepcopy=False):
+        seen.update(t.distributions)
+    for p in space:
+        if p.fixed:
+            continue
+        pattern = re.compile(re.escape(p.key).replace(re.escape(LAYER_TEMPLATE), r"\d+") + "$")
+        for key, old in seen.items():
+            if not pattern.match(key):
+                continue
+            try:
+                check_distribution_compatibility(old, p.dist)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"sweep.params.{p.key} is now {p.text!r}, but study {study_name!r} already has trials with "
+                    f"{key} from {describe(old)} ({exc}). Optuna cannot change that within a study: set "
+                    f"sweep.study_name=NEW for a new study, or keep the old space.") from None
+
+
 def _in_space(dist: Any, value: Any) -> bool:
     if hasattr(dist, "choices"):
         return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in dist.choices)
@@ -172,6 +195,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
     elif old != fingerprint:
         print(f"note: study {study_name} was started with another search space or objective; "
               f"new trials use the current one.", file=out)
+    _check_compatible(study, space, study_name)
     orphans = recover_orphans(study, settings.max_retry)
     if orphans:
         print(f"note: trial(s) {orphans} were left running by a worker that is gone; marked FAIL and re-queued.",

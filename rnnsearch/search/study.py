@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import warnings
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional
 
 import optuna
@@ -266,7 +266,3 @@ def counted_states() -> tuple[optuna.trial.TrialState, ...]:
     """Trial states that count toward ``n_trials`` (FAIL does not: a failed trial is replaced)."""
     S = optuna.trial.TrialState
     return (S.COMPLETE, S.PRUNED)
-
-
-def mapping(x: Any) -> Mapping[str, Any]:
-    return x if isinstance(x, Mapping) else {}

@@ -116,16 +116,15 @@ class Task:
         order = torch.randperm(n, generator=generator) if shuffle else None
         order_dev = order.to(data.x.device) if order is not None else None
         for start in range(0, n, batch_size):
+            stop = start + batch_size
+            view = data
+            if cpu_lengths is not None:  # drop the steps that are padding in every row of this batch
+                rows = cpu_lengths[start:stop] if order is None else cpu_lengths[order[start:stop]]
+                view = data.trim(int(rows.max()))  # a view: trimming before indexing copies less
             if order is None:
-                batch = Batch(*(None if t is None else t[start : start + batch_size]
-                                for t in (data.x, data.y, data.lengths, data.mask)))
-                rows = cpu_lengths[start : start + batch_size] if cpu_lengths is not None else None
+                yield Batch(*(None if t is None else t[start:stop] for t in (view.x, view.y, view.lengths, view.mask)))
             else:
-                batch = data.index(order_dev[start : start + batch_size])
-                rows = cpu_lengths[order[start : start + batch_size]] if cpu_lengths is not None else None
-            if rows is not None:  # drop the columns that are padding in every row of this batch
-                batch = batch.trim(int(rows.max()))
-            yield batch
+                yield view.index(order_dev[start:stop])
 
     # -- objective ----------------------------------------------------------------------
     def loss(self, output: Tensor, batch: Batch) -> Tensor:  # pragma: no cover - abstract

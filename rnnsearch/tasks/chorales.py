@@ -58,7 +58,7 @@ from .registry import register_task
 log = logging.getLogger(__name__)
 
 LOWEST_KEY, N_KEYS = 21, 88  # MIDI 21 (A0) .. 108 (C8)
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 PUBLISHED_LSTM_NLL = 8.67  # Chung et al. 2014, JSB test NLL
 
 
@@ -106,7 +106,8 @@ def load_rolls(max_chorales: Optional[int], cache_dir: Path) -> list[Tensor]:
 
     The cache file (one per music21 version) holds the chorale list and every
     roll parsed so far; when it already has what is asked, music21 is not even
-    imported. It is written atomically, so parallel workers can share it.
+    imported. It is written atomically, so parallel workers can share it (two
+    workers parsing at once merge their chorales; at worst one redoes a parse).
     """
     path = cache_dir / f"chorales-music21-{importlib.metadata.version('music21')}-v{CACHE_VERSION}.pt"
     cache = _read_cache(path)
@@ -117,22 +118,37 @@ def load_rolls(max_chorales: Optional[int], cache_dir: Path) -> list[Tensor]:
         log.info("Parsing %d Bach chorales with music21 (once; cached in %s) ...", len(missing), path)
         parsed = {n: piano_roll(n) for n in missing}
         cache = _read_cache(path)  # another process may have added chorales meanwhile: keep them
-        cache["names"] = all_names
         cache["rolls"].update(parsed)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        os.close(fd)
-        torch.save(cache, tmp)
-        os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
+        try:
+            _write_cache(path, all_names, cache["rolls"])
+        except OSError as exc:
+            log.warning("Could not cache the parsed chorales in %s (%s); set task.cache_dir or $RNNSEARCH_CACHE "
+                        "to a writable folder to skip parsing next time.", cache_dir, exc)
     return [cache["rolls"][n] for n in names]
 
 
 def _read_cache(path: Path) -> dict:
+    """``{"names": all chorale names, "rolls": {name: roll}}`` from ``path`` (empty when absent)."""
     if path.exists():
-        data = torch.load(path)
-        if isinstance(data, dict) and "rolls" in data:
-            return data
+        try:
+            data = torch.load(path)  # one uint8 tensor of all frames: far faster to load than a tensor per chorale
+            rolls = dict(zip(data["parsed"], data["frames"].split(data["lengths"].tolist())))
+            return {"names": list(data["names"]), "rolls": rolls}
+        except Exception as exc:  # a damaged cache is rebuilt, not fatal
+            log.warning("Ignoring the unreadable chorale cache %s (%s); parsing again.", path, exc)
     return {"names": [], "rolls": {}}
+
+
+def _write_cache(path: Path, names: list[str], rolls: dict[str, Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    parsed = list(rolls)
+    data = {"names": names, "parsed": parsed, "lengths": torch.tensor([rolls[n].shape[0] for n in parsed]),
+            "frames": torch.cat([rolls[n] for n in parsed])}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    torch.save(data, tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache should be readable
+    os.replace(tmp, path)  # atomic: readers see the old file or the new one, never half of one
 
 
 def to_batch(rolls: list[Tensor]) -> Batch:
@@ -206,8 +222,8 @@ class ChoralesTask(Task):
         """Each key's Laplace-smoothed training-set frequency as log-odds, ``(88,)``."""
         device = torch.device(device)
         if device not in self._prior:
-            train = self.split("train")
-            p = (train.y[train.mask].sum(0) + 1.0) / (train.mask.sum() + 2.0)  # (88,)
+            train = self.split("train")  # y is zero on padding
+            p = (train.y.sum((0, 1)) + 1.0) / (train.lengths.sum() + 2.0)  # (88,)
             self._prior[device] = (torch.log(p) - torch.log1p(-p)).to(device)
         return self._prior[device]
 
@@ -216,8 +232,10 @@ class ChoralesTask(Task):
         """Test NLL of predicting every key with its Laplace-smoothed training-set frequency."""
         if self._baseline is None:
             test = self.split("test")
-            total, count = self._nll_sums(self.prior_logits().expand_as(test.y), test)
-            self._baseline = float(total / count)
+            frames, on = test.lengths.sum(), test.y.sum((0, 1))  # y is zero on padding; on: (88,)
+            logp = F.logsigmoid(self.prior_logits())
+            log1mp = F.logsigmoid(-self.prior_logits())
+            self._baseline = float(-(on * logp + (frames - on) * log1mp).sum() / frames)
         return self._baseline
 
     def logits(self, output: Tensor) -> Tensor:

@@ -135,11 +135,10 @@ def experiment_id(uri: str, name: str, tags: Optional[dict[str, str]] = None) ->
 def run_tags(extra: Optional[dict[str, Any]] = None) -> dict[str, str]:
     """MLflow's standard source tags (what ``mlflow.start_run`` would add) plus ``extra``."""
     import getpass
-    import sys
 
     from rnnsearch.tracking.settings import git_commit
 
-    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": " ".join(["rnnsearch", *sys.argv[1:]])[:500]}
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": "rnnsearch"}  # the UI shows its basename
     try:
         tags["mlflow.user"] = getpass.getuser()
     except Exception:  # no user name in some containers
