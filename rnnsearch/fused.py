@@ -31,7 +31,7 @@ class LayerSpec:
 
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "lstm": {"activation": "tanh", "use_peepholes": False, "cell_clip": None, "proj_clip": None},
+    "lstm": {"activation": "tanh", "use_peepholes": False, "cell_clip": None, "proj_clip": None, "variant": "vanilla"},
     "gru": {"activation": "tanh", "reset_after": True},
     "rnn": {},
 }

@@ -29,6 +29,7 @@ from rnnsearch.errors import ConfigError, check_positive_int
 from .base import RNNCell, State
 from .functional import activation as get_activation
 from .functional import clip, init_uniform_
+from .lstm_variants import check_variant, gate_names, variant_step
 from .registry import register_cell
 
 
@@ -69,9 +70,11 @@ class LSTMCell(RNNCell):
         cell_clip: clip ``c`` to ``[-cell_clip, cell_clip]`` (null: no clip).
         num_proj: project the output to this width (``weight_hr``); null: no projection.
         proj_clip: clip the projected output (needs ``num_proj``).
+        variant: ``vanilla`` (default) or one of Greff et al.'s eight variants
+            (NIG, NFG, NOG, NIAF, NOAF, NP, CIFG, FGR; see :mod:`rnnsearch.cells.lstm_variants`).
     """
 
-    options = ("forget_bias", "activation", "use_peepholes", "cell_clip", "num_proj", "proj_clip")
+    options = ("forget_bias", "activation", "use_peepholes", "cell_clip", "num_proj", "proj_clip", "variant")
 
     def __init__(
         self,
@@ -83,6 +86,7 @@ class LSTMCell(RNNCell):
         cell_clip: Optional[float] = None,
         num_proj: Optional[int] = None,
         proj_clip: Optional[float] = None,
+        variant: str = "vanilla",
     ) -> None:
         super().__init__(input_size, hidden_size)
         self.forget_bias = check_forget_bias(forget_bias)
@@ -94,15 +98,20 @@ class LSTMCell(RNNCell):
         self.proj_clip = check_clip("proj_clip", proj_clip)
         if self.proj_clip is not None and self.num_proj is None:
             raise ConfigError(f"proj_clip={proj_clip!r} needs num_proj to be set (it clips the projection).")
+        self.variant = check_variant(variant, self.use_peepholes)
+        self.gates = gate_names(self.variant)
+        rows = len(self.gates) * hidden_size
         out = self.num_proj or hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, out))
-        self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size))
-        self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size))
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(rows, out))
+        self.bias_ih = nn.Parameter(torch.empty(rows))
+        self.bias_hh = nn.Parameter(torch.empty(rows))
         if self.use_peepholes:
-            self.weight_ci = nn.Parameter(torch.empty(hidden_size))
-            self.weight_cf = nn.Parameter(torch.empty(hidden_size))
-            self.weight_co = nn.Parameter(torch.empty(hidden_size))
+            for g in ("i", "f", "o"):
+                if g in self.gates:
+                    setattr(self, f"weight_c{g}", nn.Parameter(torch.empty(hidden_size)))
+        if self.variant == "FGR":  # previous [i, f, o] activations -> each gate
+            self.weight_gr = nn.Parameter(torch.empty(3 * hidden_size, 3 * hidden_size))
         if self.num_proj is not None:
             self.weight_hr = nn.Parameter(torch.empty(self.num_proj, hidden_size))
         init_uniform_(self, hidden_size)
@@ -113,12 +122,15 @@ class LSTMCell(RNNCell):
 
     @property
     def state_size(self) -> tuple[int, ...]:
-        return (self.num_proj or self.hidden_size, self.hidden_size)
+        extra = (3 * self.hidden_size,) if self.variant == "FGR" else ()
+        return (self.num_proj or self.hidden_size, self.hidden_size, *extra)
 
     def project_input(self, x: Tensor) -> Tensor:
         return linear(x, self.weight_ih, self.bias_ih)  # (..., 4h)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        if self.variant != "vanilla":
+            return variant_step(self, xp_t, state)
         h, c = state
         gates = xp_t + linear(h, self.weight_hh, self.bias_hh)  # (b, 4h)
         i, f, g, o = gates.chunk(4, 1)

@@ -45,7 +45,7 @@ class TaggingTask(Task):
     direction = "maximize"
 
     def __init__(self, seq_len: int = 40, min_len: int | None = 20, offset: int = 3, vocab_size: int = 8,
-                 seed: int = 0, train_size: int = 5000, val_size: int = 500, test_size: int = 1000) -> None:
+                 seed: int = 0, train_size: int = 2000, val_size: int = 500, test_size: int = 1000) -> None:
         super().__init__(seed, train_size, val_size, test_size)
         self.offset = check_int("task.offset", offset, 1)
         self.vocab_size = check_int("task.vocab_size", vocab_size, 2)
