@@ -10,9 +10,9 @@ from conftest import run_cli
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
-SHRINK_CLI = ["tracking=none", "device=cpu", "sweep.n_trials=3", "sweep.overrides.task.seq_len=8",
-              "sweep.overrides.task.train_size=128", "sweep.overrides.task.val_size=64",
-              "sweep.overrides.task.test_size=64", "sweep.overrides.train.epochs=2",
+SHRINK_CLI = ["tracking=none", "device=cpu", "sweep.n_trials=3",
+              "task.seq_len=8", "task.train_size=128", "task.val_size=64", "task.test_size=64",  # beat sweep.overrides
+              "train.epochs=2",
               "sweep.params.model.hidden_size=choice(4,8)",  # unquoted: the CLI quotes search spaces for Hydra
               "sweep.params.model.num_layers=1", "sweep.enqueue=[]"]
 
@@ -28,6 +28,8 @@ def test_bare_plus_sweep_runs_the_default_sweep(tmp_path: Path) -> None:
     assert "sweep default-adding: 3 trials" in out and "storage: " in out
     assert (tmp_path / "default-adding.journal").exists() and (tmp_path / "best_default-adding.yaml").exists()
     assert "python -m rnnsearch --config-dir . --config-name best_default-adding" in out
+    assert "note: your command line overrides sweep.overrides task.seq_len=20, task.train_size=1000" in out
+    assert "[3/3] " in out and "0 failed" in out
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ from rnnsearch.cli import rewrite_argv
 from rnnsearch.errors import ConfigError
 from rnnsearch.search.compose import compose_trial, config_groups, load_group_options, override_list, replay
 from rnnsearch.search.conditions import applies
+from rnnsearch.search.run import _cli_wins
 from rnnsearch.search.settings import SweepSettings
 from rnnsearch.search.space import Param, flatten, parse_param, parse_space
 from rnnsearch.search.study import grid_space, objectives_and_directions
@@ -178,3 +179,11 @@ def test_cli_quotes_search_spaces_so_hydra_keeps_them() -> None:
                          "sweep.n_trials=3", "sweep.params.y='interval(0,1)'"]) == [
         "+sweep=default", "sweep.params.model.hidden_size='choice(32,64)'", "+sweep.params.x='range(1,3)'",
         "sweep.n_trials=3", "sweep.params.y='interval(0,1)'"]
+
+
+def test_command_line_keys_win_over_sweep_overrides() -> None:
+    fixed = parse_space({"task": {"seq_len": 20, "train_size": 1000}, "train": {"epochs": 6}})
+    kept, dropped = _cli_wins(fixed, ["task.seq_len=100", "+sweep=default", "sweep.n_trials=3", "cell=gru"])
+    assert [p.key for p in kept] == ["task.train_size", "train.epochs"] and dropped == ["task.seq_len=20"]
+    kept, dropped = _cli_wins(fixed, ["task=copy"])
+    assert [p.key for p in kept] == ["train.epochs"] and len(dropped) == 2

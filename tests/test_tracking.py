@@ -186,6 +186,31 @@ def test_single_run_artifacts_rerun_and_weights(single, client, tmp_path):
     assert train(again)["test/mse"] == pytest.approx(result["test/mse"], rel=1e-5)
 
 
+def test_log_model_flag_and_foreground_mode(store, client):
+    cfg = make_cfg(store, "tracking.experiment=log-model", "tracking.log_model=true", "tracking.background=false")
+    train(cfg, tracking_callbacks(cfg, run_name="with-model"))
+    (run,) = client.search_runs([client.get_experiment_by_name("log-model").experiment_id])
+    assert run.info.status == "FINISHED"
+    mlflow.set_tracking_uri(store)
+    model = mlflow.pytorch.load_model(f"runs:/{run.info.run_id}/model")
+    assert sum(p.numel() for p in model.parameters()) == int(run.data.params["num_params"])
+
+
+def test_failing_artifact_keeps_status_and_training(store, client, monkeypatch, caplog):
+    import rnnsearch.tracking.plots as plots
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(plots, "learning_curve", broken)
+    cfg = make_cfg(store, "tracking.experiment=broken-artifact", "tracking.background=false")
+    result = train(cfg, tracking_callbacks(cfg, run_name="broken"))
+    assert result["epochs"] == 2  # training is never stopped by tracking
+    (run,) = client.search_runs([client.get_experiment_by_name("broken-artifact").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.tags["trial_state"] == "COMPLETE"
+    assert "ending the MLflow run failed: OSError: disk full" in caplog.text
+
+
 # -- a sweep: parent run, child runs, statuses --
 
 def test_sweep_parent_and_children(sweep, client):

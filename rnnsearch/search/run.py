@@ -107,6 +107,18 @@ def _in_space(dist: Any, value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
 
 
+def _cli_wins(fixed: list[Param], cli: list[str]) -> tuple[list[Param], list[str]]:
+    """Drop the ``sweep.overrides`` entries the user set on the command line (``task.seq_len=100``, ``task=copy``)."""
+    keys = {o.lstrip("+~").split("=", 1)[0] for o in cli}
+    keys = {k for k in keys if not k.startswith(("sweep", "hydra"))}
+
+    def shadowed(key: str) -> bool:
+        parts = key.split(".")
+        return any(".".join(parts[:i]) in keys for i in range(1, len(parts) + 1))
+
+    return [p for p in fixed if not shadowed(p.key)], [f"{p.key}={p.value!r}" for p in fixed if shadowed(p.key)]
+
+
 def _user_overrides(cli: list[str], trial: list[str], cfg: Mapping[str, Any]) -> list[str]:
     """The user's command-line overrides that still apply next to the trial's.
 
@@ -158,7 +170,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
 
     groups = config_groups([k for k, v in base.items() if isinstance(v, Mapping)])
     space = parse_space(settings.params, groups)
-    fixed = parse_space(settings.overrides, groups)
+    fixed, shadowed = _cli_wins(parse_space(settings.overrides, groups), cli_overrides)
     wanted: dict[str, set[Any]] = {}
     for p in [*fixed, *space]:
         head, _, rest = p.key.partition(".")
@@ -211,6 +223,8 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
     prune = settings.pruner != "none" and len(objectives) == 1
     epochs = int(first.cfg.get("train", {}).get("epochs", 1))
     _print_header(out, study_name, spec, settings, n, devices, objectives, directions, space, finished, prune)
+    if shadowed:
+        print(f"note: your command line overrides sweep.overrides {', '.join(shadowed)}", file=out)
 
     from rnnsearch.tracking import finish_sweep_run, start_sweep_run
 

@@ -23,7 +23,11 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Batch:
-    """Inputs, targets and (for variable-length tasks) lengths and a target mask."""
+    """Inputs, targets and (for variable-length tasks) lengths and a target mask.
+
+    A variable-length per-step task sets ``lengths`` *and* ``mask``: the mask
+    marks ``y`` as per-step, so :meth:`trim` cuts ``y`` along time with ``x``.
+    """
 
     x: Tensor  # (b, t, features) float, or (b, t) int64 tokens
     y: Tensor  # targets: (b, out) / (b,) per sequence, (b, t[, out]) per step

@@ -23,21 +23,34 @@ log = logging.getLogger("rnnsearch.tracking")
 
 
 def learning_curve(history: list[tuple[int, dict[str, float]]], metric: str, title: str, path: Path) -> Path:
-    """Save train/val loss (log scale) and, if different, ``metric`` per epoch to ``path`` (PNG)."""
+    """Save train/val loss and, if different, ``metric`` per epoch to ``path`` (PNG, ~0.1 s).
+
+    Log scale with plain tick labels and fixed margins: mathtext labels and automatic layout
+    would cost 4x more, on the tracking thread of every trial.
+    """
     from matplotlib.figure import Figure  # the object API: thread-safe, no pyplot state
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     epochs = [e for e, _ in history]
     panels = [("loss", ["train/loss", "val/loss"])]
-    if metric not in ("val/loss", "train/loss") and any(metric in m for _, m in history):
+    if any(m.get(metric) != m.get("val/loss") for _, m in history):  # e.g. val/acc; not val/mse == val/loss
         panels.append((metric, [metric]))
-    fig = Figure(figsize=(4.2 * len(panels), 3.2), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(panels), 3.2))
+    fig.subplots_adjust(left=0.2 / len(panels), right=0.98, bottom=0.15, top=0.84, wspace=0.3)
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
     for ax, (ylabel, keys) in zip(fig.subplots(1, len(panels), squeeze=False)[0], panels):
         for key in keys:
-            ys = [m.get(key, math.nan) for _, m in history]
-            ax.plot(epochs, ys, marker="o", ms=3, label=key)
-        values = [m.get(k) for _, m in history for k in keys]
-        if all(v is not None and v > 0 and math.isfinite(v) for v in values):
+            ax.plot(epochs, [m.get(key, math.nan) for _, m in history], marker="o", ms=3, label=key)
+        values = [m.get(k, math.nan) for _, m in history for k in keys]
+        finite = [v for v in values if math.isfinite(v)]
+        if finite and min(finite) > 0 and max(finite) / min(finite) >= 10:  # spans a decade or more
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(plain)
+            if max(finite) / min(finite) < 100:  # under two decades: label 2x and 5x too
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+                ax.yaxis.set_minor_formatter(plain)
+            else:
+                ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)

@@ -148,14 +148,27 @@ class MlflowRun(Callback):
         from mlflow.entities import Metric, RunTag
 
         client = worker.client(self.settings.uri)
-        now = int(time.time() * 1000)
-        client.log_batch(self.run_id, metrics=[Metric(k, v, now, 0) for k, v in final.items() if math.isfinite(v)],
-                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        try:
+            now = int(time.time() * 1000)
+            client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()],
+                             metrics=[Metric(k, v, now, 0) for k, v in final.items() if math.isfinite(v)])
+            self._log_files(client, tags["trial_state"], state)
+            if model is not None:
+                self._log_model(model)
+        finally:  # an artifact that fails must not leave the run RUNNING or change its status
+            client.set_terminated(self.run_id, status)
+        if self.parent_run_id is None:
+            print(f"mlflow: run '{self.run_name}' ({status.lower()}) in experiment '{self.settings.experiment}' "
+                  f"at {self.settings.uri}; see it with: mlflow ui --backend-store-uri {self.settings.uri}",
+                  flush=True)
+
+    def _log_files(self, client: Any, trial_state: str, state: Optional[dict[str, Any]]) -> None:
+        """The learning curve and the weights, in one ``log_artifacts`` call."""
         with tempfile.TemporaryDirectory(prefix="rnnsearch-") as tmp:
             if self.settings.log_curve and self.history:
                 from rnnsearch.tracking.plots import learning_curve
 
-                learning_curve(self.history, self._metric, f"{self.run_name} ({tags['trial_state'].lower()})",
+                learning_curve(self.history, self._metric, f"{self.run_name} ({trial_state.lower()})",
                                Path(tmp) / "learning_curve.png")
             if state is not None:
                 import torch
@@ -163,20 +176,17 @@ class MlflowRun(Callback):
                 torch.save(state, Path(tmp) / "state_dict.pt")
             if any(Path(tmp).iterdir()):
                 client.log_artifacts(self.run_id, tmp)
-        if model is not None:
-            self._log_model(model)
-        client.set_terminated(self.run_id, status)
-        if self.parent_run_id is None:
-            print(f"mlflow: run '{self.run_name}' ({status.lower()}) in experiment '{self.settings.experiment}' "
-                  f"at {self.settings.uri}; see it with: mlflow ui --backend-store-uri {self.settings.uri}",
-                  flush=True)
 
     def _log_model(self, model: Any) -> None:
-        """``mlflow.pytorch.log_model`` needs an active (fluent) run: resume ours on this thread."""
+        """``mlflow.pytorch.log_model`` (pickled module; needs rnnsearch to load) on our run, resumed on this thread.
+
+        The fluent API needs an active run; leaving the ``with`` block marks it FINISHED (or FAILED),
+        and :meth:`_finish` then sets the status that matches the training.
+        """
         import mlflow
         import torch
 
         mlflow.set_tracking_uri(self.settings.uri)
         with mlflow.start_run(run_id=self.run_id):
-            mlflow.pytorch.log_model(model, name="model",
+            mlflow.pytorch.log_model(model, name="model", serialization_format="pickle",
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "rnnsearch"])
