@@ -7,7 +7,10 @@ computes (oneDNN on CPU, cuDNN on GPU). :func:`why_not_fusable` says why a
 stack is not; :class:`FusedStack` runs one that is, with the same interface as
 :class:`~rnnsearch.layers.CellStack`. TF's per-step ``forget_bias`` is folded
 into the initial forget-gate bias (the same function, and the same gradients,
-at every step). Variable lengths go through packed sequences.
+at every step). Variable lengths go through packed sequences; packing needs
+the lengths on the CPU, so pass a CPU ``lengths`` tensor (``Batch.cpu_lengths``)
+to avoid a host–device sync, and a batch whose rows are all full length is not
+packed at all.
 """
 
 from __future__ import annotations
@@ -115,8 +118,10 @@ class FusedStack(nn.Module):
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None, states: Any = None) -> tuple[Tensor, Tensor, Any]:
         steps = x.shape[1]
+        if lengths is not None and lengths.device.type == "cpu" and bool((lengths == steps).all()):
+            lengths = None  # every row is full length: packing would change nothing
         if lengths is not None:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)  # .cpu(): a sync on GPU
             out, finals = self.rnn(packed, states)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
         else:

@@ -7,7 +7,9 @@ embedding for token inputs and a linear map otherwise (``model.embedding_size``;
 ``bidirectional``, ``merge_mode``, ``wrappers`` and per-layer overrides in
 ``model.layers`` (``{2: {cell: {name: gru}}}``) — either cell by cell from the
 registry or, when equivalent and ``model.fused`` allows, as one fused
-``torch.nn.LSTM/GRU/RNN``. The head predicts once per sequence (from each
+``torch.nn.LSTM/GRU/RNN``; ``model.compile`` (auto | true | false) says whether
+the cell-by-cell time loop may be ``torch.compile``'d (:mod:`rnnsearch.compile`;
+``auto`` is decided by the training run from its budget). The head predicts once per sequence (from each
 direction's last real step) or at every step.
 """
 
@@ -22,6 +24,8 @@ from torch import Tensor, nn
 
 from rnnsearch.cells import create_cell, create_wrapper
 from rnnsearch.cells.base import RNNCell
+from rnnsearch.compile import compile_mode
+from rnnsearch.compile import install as install_compiled
 from rnnsearch.errors import ConfigError, check_positive_int, choice_error
 from rnnsearch.fused import FusedStack, LayerSpec, why_not_fusable
 from rnnsearch.layers import MERGE_MODES, BidirectionalLayer, CellStack, RecurrentLayer
@@ -113,21 +117,26 @@ class RecurrentModel(nn.Module):
 
     Call arguments:
         x: ``[batch, time, features]`` floats, or ``[batch, time]`` token ids.
-        lengths: optional ``[batch]`` int64 sequence lengths (padding is masked).
+        lengths: optional ``[batch]`` int64 sequence lengths (padding is masked), on ``x``'s device
+            or on the CPU (what the fused path's packing needs: no host–device sync then).
 
     Returns ``[batch, output_size]`` (per sequence) or ``[batch, time, output_size]`` (per step).
     """
 
-    def __init__(self, encoder: nn.Module, stack: nn.Module, head: nn.Module, per_step: bool, fused: bool) -> None:
+    def __init__(self, encoder: nn.Module, stack: nn.Module, head: nn.Module, per_step: bool, fused: bool,
+                 compile: str = "false") -> None:
         super().__init__()
         self.encoder = encoder
         self.stack = stack
         self.head = head
         self.per_step = per_step
         self.fused = fused
+        self.compile_mode = compile  # model.compile: auto | true | false (train() decides auto)
 
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None) -> Tensor:
         h = self.encoder(x)  # (b, t, e)
+        if lengths is not None and not self.fused:
+            lengths = lengths.to(h.device, non_blocking=True)  # the cell path masks on the device
         outputs, last, _ = self.stack(h, lengths)
         head_device = self.head.weight.device
         if self.per_step:
@@ -148,6 +157,9 @@ def build_model(cfg: Any, input_size: int, output_size: int, *, per_step: bool =
 
     Raises:
         ConfigError: a bad name, size or option, or ``model.fused=always`` on a stack that cannot fuse.
+
+    With ``model.compile=true`` the cell-by-cell path's time loop is compiled
+    (lazily, at the first training step); ``auto`` is left to :func:`rnnsearch.train`.
     """
     model = _plain(cfg["model"])
     specs = resolve_layers(cfg)
@@ -158,6 +170,7 @@ def build_model(cfg: Any, input_size: int, output_size: int, *, per_step: bool =
     fused_mode = model.get("fused", "auto")
     if fused_mode not in FUSED_MODES:
         raise choice_error("model.fused", fused_mode, FUSED_MODES)
+    compiling = compile_mode(model.get("compile", "auto"))
     check_positive_int("input size", input_size)
     check_positive_int("output size", output_size)
 
@@ -192,7 +205,10 @@ def build_model(cfg: Any, input_size: int, output_size: int, *, per_step: bool =
             width = layer.output_size
         stack = CellStack(layers)
     head = nn.Linear(stack.output_size, output_size)
-    return RecurrentModel(encoder, stack, head, per_step=per_step, fused=use_fused)
+    result = RecurrentModel(encoder, stack, head, per_step=per_step, fused=use_fused, compile=compiling)
+    if compiling == "true" and not use_fused:
+        install_compiled(result)
+    return result
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -5,7 +5,10 @@ loop: seeded, on ``cfg.device`` (``auto|cpu|cuda|cuda:N``), Adam or SGD with
 gradient clipping, an epoch and optional step budget, validation each epoch,
 and a stop with a clear message when the loss becomes non-finite. Losses and
 metric sums accumulate on the device and are read once per epoch (no
-host–device sync per step). Side effects go only through callbacks
+host–device sync per step; the fused path packs with the batch's CPU copy of
+its lengths). ``train.amp=bf16`` runs forward and loss under bfloat16
+autocast; ``model.compile`` is decided here, from the run's budget
+(:func:`rnnsearch.compile.prepare`). Side effects go only through callbacks
 (:mod:`rnnsearch.callbacks`): progress, pruning and tracking plug in there.
 """
 
@@ -20,12 +23,15 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback, StopTraining, TrainingDiverged
 from rnnsearch.errors import ConfigError, check_positive_int, choice_error
 from rnnsearch.model import build_model, count_parameters
 from rnnsearch.tasks import Task, create_task
+from rnnsearch.tasks.base import Batch
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+AMP_MODES = ("false", "bf16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,13 +68,39 @@ def make_optimizer(cfg: Mapping[str, Any], params: Iterable[nn.Parameter]) -> to
         raise ConfigError(f"optim: {exc} (options of {name}: see torch.optim.{classes[name].__name__}).") from None
 
 
-def evaluate(model: nn.Module, task: Task, split: str, batch_size: int, device: torch.device) -> dict[str, float]:
+def amp_dtype(value: Any, device: torch.device) -> Optional[torch.dtype]:
+    """``train.amp``: false (float32) or bf16 (bfloat16 autocast, on CUDA or CPU)."""
+    name = "false" if value in (None, False) else str(value).lower()
+    if name not in AMP_MODES:
+        raise choice_error("train.amp", value, AMP_MODES)
+    if name == "false":
+        return None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"train.amp={value!r} needs a cpu or cuda device, not {device}; use train.amp=false.")
+    return torch.bfloat16
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]) -> Any:
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def _lengths(model: nn.Module, batch: Batch) -> Optional[torch.Tensor]:
+    """The lengths to pass: the CPU copy for the fused path (packing without a device sync), else on device."""
+    if batch.cpu_lengths is not None and getattr(model, "fused", False):
+        return batch.cpu_lengths
+    return batch.lengths
+
+
+def evaluate(model: nn.Module, task: Task, split: str, batch_size: int, device: torch.device,
+             amp: Optional[torch.dtype] = None) -> dict[str, float]:
     """Metrics of ``model`` on a whole split, as ``{"<split>/<name>": value}``."""
     model.eval()
     sums: dict[str, list[torch.Tensor]] = {}
     with torch.no_grad():
         for batch in task.batches(split, batch_size, device):
-            out = model(batch.x, batch.lengths)
+            with _autocast(device, amp):
+                out = model(batch.x, _lengths(model, batch))
+            out = out.float()  # metrics in float32 (a no-op without amp)
             for k, (s, n) in task.metric_sums(out, batch).items():
                 acc = sums.setdefault(k, [torch.zeros((), device=device), torch.zeros((), device=device)])
                 acc[0] += s.detach()
@@ -94,15 +126,17 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Map
     if max_steps is not None:
         check_positive_int("train.max_steps", max_steps)
     clip = cfg.get("grad_clip")
+    amp = amp_dtype(cfg.get("amp", False), device)
     shuffle_gen = torch.Generator().manual_seed(seed)
+    decision = _prepare_compile(model, task, epochs, batch_size, max_steps, device, amp)
     info = dict(info or {}, model=model, task=task, device=str(device), epochs=epochs,
-                params=count_parameters(model))
+                params=count_parameters(model), compile=decision.reason, compiled=decision.compile)
     for cb in callbacks:
         cb.on_train_begin(info)
 
     try:
         result = _loop(model, task, optimizer, device, callbacks, epochs, batch_size, eval_bs, max_steps, clip,
-                       shuffle_gen, info["params"])
+                       shuffle_gen, info["params"], amp)
     except BaseException as exc:
         for cb in callbacks:
             cb.on_train_abort(exc)
@@ -112,9 +146,26 @@ def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Map
     return result
 
 
+def _prepare_compile(model: nn.Module, task: Task, epochs: int, batch_size: int, max_steps: Optional[int],
+                     device: torch.device, amp: Optional[torch.dtype]) -> compiling.Decision:
+    """Apply ``model.compile`` for this run's budget (epochs × steps per epoch, capped by max_steps)."""
+    mode = getattr(model, "compile_mode", "false")
+    if compiling.compile_mode(mode) == "false" or not compiling.step_cells(model):  # nothing to decide
+        return compiling.prepare(model, mode, optimizer_steps=0, seq_len=0, batch_size=batch_size,
+                                 masked=False, device=device, amp=amp)
+    train = task.split("train")  # generated once and cached: the loop uses it next
+    steps = epochs * math.ceil(len(train) / batch_size)
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return compiling.prepare(model, mode, optimizer_steps=steps, seq_len=train.x.shape[1],
+                             batch_size=min(batch_size, len(train)), masked=train.lengths is not None,
+                             device=device, amp=amp)
+
+
 def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device: torch.device,
           callbacks: Sequence[Callback], epochs: int, batch_size: int, eval_bs: int, max_steps: Optional[int],
-          clip: Optional[float], shuffle_gen: torch.Generator, params: int) -> dict[str, Any]:
+          clip: Optional[float], shuffle_gen: torch.Generator, params: int,
+          amp: Optional[torch.dtype] = None) -> dict[str, Any]:
     key = f"val/{task.metric}"
     history: list[dict[str, float]] = []
     best: Optional[float] = None
@@ -130,8 +181,9 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
         n_batches = 0
         for batch in task.batches("train", batch_size, device, shuffle=True, generator=shuffle_gen):
             optimizer.zero_grad(set_to_none=True)
-            out = model(batch.x, batch.lengths)
-            loss = task.loss(out, batch)
+            with _autocast(device, amp):
+                out = model(batch.x, _lengths(model, batch))
+            loss = task.loss(out.float(), batch)  # the loss in float32 (out.float() is a no-op without amp)
             loss.backward()
             if clip:
                 nn.utils.clip_grad_norm_(model.parameters(), float(clip))
@@ -149,7 +201,7 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
             raise TrainingDiverged(
                 f"Training diverged at epoch {epoch}: the mean training loss is {train_loss}. "
                 f"Try a lower optim.lr (now {optimizer.param_groups[0]['lr']:g}) or set train.grad_clip.")
-        metrics = {"train/loss": train_loss, **evaluate(model, task, "val", eval_bs, device)}
+        metrics = {"train/loss": train_loss, **evaluate(model, task, "val", eval_bs, device, amp)}
         metrics.update(epoch_seconds=time.perf_counter() - t0, tokens_per_s=n_tokens / max(train_seconds, 1e-9))
         history.append(metrics)
         if _is_better(metrics[key], best, task.direction):
@@ -169,7 +221,7 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
     result: dict[str, Any] = dict(history[-1])
     result.update({f"best/{key}": best, "best_epoch": best_epoch, "epochs": len(history), "steps": steps,
                    "params": params, "stopped_by": stopped})
-    result.update(evaluate(model, task, "test", eval_bs, device))
+    result.update(evaluate(model, task, "test", eval_bs, device, amp))
     if task.solved is not None:
         test = result[f"test/{task.metric}"]
         result["solved"] = bool(test < task.solved if task.direction == "minimize" else test > task.solved)

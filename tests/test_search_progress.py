@@ -65,5 +65,14 @@ def test_report_ranks_complete_trials_and_lists_failures() -> None:
     text = out.getvalue()
     assert "Best 2 trials" in text and "failed: 1x RuntimeError: boom" in text
     header, rows = table_rows([best], ["best/val/mse"])
-    assert header[:7] == ["#", "run", "best/val/mse", "params", "epochs", "state", "cell"]
-    assert rows[0][1:7] == ["t003-lstm-1x8", "0.02", "1,200", "8", "complete", "lstm"]
+    assert header == ["#", "run", "best/val/mse", "params", "epochs", "state", "choices"]
+    assert rows[0][1:] == ["t003-lstm-1x8", "0.02", "1,200", "8", "complete", "cell=lstm"]
+
+
+def test_short_names_of_params() -> None:
+    from rnnsearch.search.report import choices_text
+
+    assert choices_text({"cell.name": "gru", "model.num_layers": 2, "model.wrappers.0.name": "dropout",
+                         "model.wrappers.0.output_keep_prob": 0.81234, "model.layers.1.cell.forget_bias": 1.5,
+                         "optim.lr": 0.003}) == (
+        "cell=gru num_layers=2 w0=dropout w0.output_keep_prob=0.8123 L1.cell.forget_bias=1.5 lr=0.003")

@@ -124,9 +124,15 @@ def test_settings_off_and_invalid():
 
 
 def test_abort_classification():
+    from rnnsearch.callbacks import TrainingDiverged
+
     assert classify_abort(optuna.TrialPruned()) == ("KILLED", "PRUNED", None)
+    assert classify_abort(optuna.TrialPruned("pruned at epoch 3")) == ("KILLED", "PRUNED", "pruned at epoch 3")
     assert classify_abort(KeyboardInterrupt())[:2] == ("KILLED", "FAIL")
     assert classify_abort(ValueError("bad")) == ("FAILED", "FAIL", "ValueError: bad")
+    # The sweep records a diverged trial as pruned; a diverged single run failed.
+    assert classify_abort(TrainingDiverged("nan"), trial=True) == ("KILLED", "PRUNED", "diverged: nan")
+    assert classify_abort(TrainingDiverged("nan")) == ("FAILED", "FAIL", "TrainingDiverged: nan")
 
 
 def test_tracking_none_never_imports_mlflow(monkeypatch):
@@ -234,6 +240,7 @@ def test_sweep_statuses_follow_trials(sweep, client):
     assert [children[n].data.tags["trial_state"] for n in range(4)] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE"]
     assert children[2].data.tags["failure_reason"] == "RuntimeError: boom: scripted failure"
     assert children[1].data.tags["pruned_at_epoch"] == "1" and "failure_reason" not in children[1].data.tags
+    assert children[1].data.tags["pruned_reason"] == "pruned at epoch 1"
     # The pruned trial's last epoch is logged too (tracking runs before the pruning callback).
     assert [m.step for m in client.get_metric_history(children[1].info.run_id, "val/mse")] == [1]
     assert {a.path for a in client.list_artifacts(children[1].info.run_id)} == {"config.yaml", "learning_curve.png"}

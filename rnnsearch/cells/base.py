@@ -7,7 +7,9 @@ tensors whose sizes ``state_size`` lists; ``zero_state`` builds it.
 optional per-sequence lengths, following ``tf.nn.dynamic_rnn``: outputs past a
 sequence's length are zero and its last valid state is carried through.
 Cells with a cheaper sequence form (e.g. hoisting the input projection out of
-the loop) override :meth:`RNNCell.forward_sequence`.
+the loop) override :meth:`RNNCell.forward_sequence`. The time loop itself is
+:func:`run_steps`; :mod:`rnnsearch.compile` may install a compiled runner of it
+on a cell (``cell.sequence_runner``), which ``forward_sequence`` then calls.
 """
 
 from __future__ import annotations
@@ -106,22 +108,41 @@ class RNNCell(nn.Module):
         if state is None:
             state = self.zero_state(batch, dtype=x.dtype, device=x.device)
         self.start_sequence(batch, x.device, x.dtype)
-        xp = self.project_input(x)  # (b, t, projected)
-        if lengths is not None:
-            lengths = lengths.to(xp.device)
-        outputs = []
-        for t, xp_t in enumerate(xp.unbind(1)):
-            out, new_state = self.recur(xp_t, state)
-            if lengths is not None:
-                valid = (lengths > t).unsqueeze(1)  # (b, 1)
-                out = out.masked_fill(~valid, 0.0)  # a select, not a product: NaN/inf padding stays out
-                new_state = tuple(torch.where(valid, n, s) for n, s in zip(new_state, state))
-            outputs.append(out)
-            state = new_state
         if steps == 0:
             return x.new_zeros(batch, 0, self.output_size), state
-        return torch.stack(outputs, 1), state
+        xp = self.project_input(x)  # (b, t, projected)
+        valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
+        runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
+        if runner is not None:
+            return runner(self, xp, state, valid)
+        return run_steps(self, xp, state, valid)
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if hasattr(self, k))
         return f"{self.input_size}, {self.hidden_size}" + (f", {opts}" if opts else "")
+
+
+def step_masks(lengths: Tensor, steps: int, device: torch.device) -> Tensor:
+    """``[time, batch, 1]`` bool: which rows are still inside their sequence at each step (built once per sequence)."""
+    t = torch.arange(steps, device=device).unsqueeze(1)  # (t, 1)
+    return (t < lengths.to(device).unsqueeze(0)).unsqueeze(2)  # (t, b, 1)
+
+
+def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None) -> tuple[Tensor, State]:
+    """The time loop: ``cell.recur`` over projected inputs ``xp`` ``[batch, time, projected]``.
+
+    ``valid`` (``[time, batch, 1]`` bool, from :func:`step_masks`) masks padding
+    the ``tf.nn.dynamic_rnn`` way: outputs past a sequence's length are zero and
+    its state is carried through unchanged. Returns ``(outputs [batch, time, output_size], final_state)``.
+    This plain function is also what :mod:`rnnsearch.compile` compiles, a chunk of steps at a time.
+    """
+    outputs = []
+    for t, xp_t in enumerate(xp.unbind(1)):
+        out, new_state = cell.recur(xp_t, state)
+        if valid is not None:
+            v = valid[t]  # (b, 1)
+            out = out.masked_fill(~v, 0.0)  # a select, not a product: NaN/inf padding stays out
+            new_state = tuple(torch.where(v, n, s) for n, s in zip(new_state, state))
+        outputs.append(out)
+        state = new_state
+    return torch.stack(outputs, 1), state

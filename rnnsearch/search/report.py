@@ -30,25 +30,28 @@ def ranked(study: optuna.Study, directions: Sequence[str], top: int) -> list[Fro
     return sorted(done, key=lambda t: sign * t.values[0])[:top]
 
 
-def _short(key: str) -> str:
-    return key.replace("model.layers.", "L").replace("model.wrappers.", "w").replace("model.", "").replace(
-        "optim.", "").replace(".name", "")
+def short_name(key: str) -> str:
+    """``cell.name`` → ``cell``, ``model.wrappers.0.output_keep_prob`` → ``w0.output_keep_prob``, ``optim.lr`` → ``lr``."""
+    key = key.replace("model.wrappers.", "w").replace("model.layers.", "L").replace("model.", "").replace("optim.", "")
+    if key.endswith(".name"):
+        key = key[:-5]
+    return key.replace(".wrappers.", ".w")
+
+
+def choices_text(params: Mapping[str, Any]) -> str:
+    """A trial's sampled params as ``cell=lstm num_layers=2 lr=0.003 ...``."""
+    return " ".join(f"{short_name(k)}={fmt_value(v)}" for k, v in params.items())
 
 
 def table_rows(trials: Sequence[FrozenTrial], objectives: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the results table (one column per param seen in any row)."""
-    keys: list[str] = []
-    for t in trials:
-        for k in t.params:
-            if k not in keys:
-                keys.append(k)
-    header = ["#", "run", *objectives, "params", "epochs", "state", *(_short(k) for k in keys)]
+    """Header and rows of the results table: number, run name, objectives, size, epochs, state, choices."""
+    header = ["#", "run", *objectives, "params", "epochs", "state", "choices"]
     rows = []
     for t in trials:
         n = t.user_attrs.get("params")
         rows.append([str(t.number), trial_label(t), *(fmt_value(v) for v in (t.values or [])),
                      f"{n:,}" if isinstance(n, int) else "?", str(t.user_attrs.get("epochs", "?")),
-                     t.state.name.lower(), *(fmt_value(t.params[k]) if k in t.params else "-" for k in keys)])
+                     t.state.name.lower(), choices_text(t.params)])
     return header, rows
 
 
@@ -59,16 +62,17 @@ def print_table(header: list[str], rows: list[list[str]], title: str, stream: Te
 
         table = Table(title=title, title_justify="left")
         for h in header:
-            table.add_column(h, justify="right" if h in ("#", "params", "epochs") else "left")
+            table.add_column(h, justify="right" if h in ("#", "params", "epochs") else "left",
+                             no_wrap=h != "choices", overflow="fold" if h == "choices" else "ellipsis")
         for r in rows:
             table.add_row(*r)
         Console(file=stream).print(table)
         return
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     print(title, file=stream)
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=stream)
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), file=stream)
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=stream)
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip(), file=stream)
 
 
 def state_counts(study: optuna.Study) -> dict[str, int]:

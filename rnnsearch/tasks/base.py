@@ -33,6 +33,7 @@ class Batch:
     y: Tensor  # targets: (b, out) / (b,) per sequence, (b, t[, out]) per step
     lengths: Optional[Tensor] = None  # (b,) int64, None when every sequence is full length
     mask: Optional[Tensor] = None  # (b, t) bool, which per-step targets count
+    cpu_lengths: Optional[Tensor] = None  # (b,) a CPU copy of lengths (set by Task.batches): packing needs no device sync
 
     def to(self, device: torch.device) -> "Batch":
         return Batch(*(None if t is None else t.to(device, non_blocking=True) for t in
@@ -126,9 +127,12 @@ class Task:
                 rows = cpu_lengths[start:stop] if order is None else cpu_lengths[order[start:stop]]
                 view = data.trim(int(rows.max()))  # a view: trimming before indexing copies less
             if order is None:
-                yield Batch(*(None if t is None else t[start:stop] for t in (view.x, view.y, view.lengths, view.mask)))
+                batch = Batch(*(None if t is None else t[start:stop] for t in (view.x, view.y, view.lengths, view.mask)))
             else:
-                yield view.index(order_dev[start:stop])
+                batch = view.index(order_dev[start:stop])
+            if cpu_lengths is not None:
+                batch.cpu_lengths = rows
+            yield batch
 
     # -- objective ----------------------------------------------------------------------
     def loss(self, output: Tensor, batch: Batch) -> Tensor:  # pragma: no cover - abstract

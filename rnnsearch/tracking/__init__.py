@@ -6,9 +6,10 @@ The CLI and the sweep call three functions (the whole interface):
   run, or one trial as a child of the sweep's parent run. ``params`` are the
   searched choices under short names, ``tags`` extra tags (``study``,
   ``trial``). The run's status follows how training ended: FINISHED (tag
-  ``trial_state=COMPLETE``), KILLED for ``optuna.TrialPruned`` (PRUNED), FAILED
-  for any other exception (FAIL, with ``failure_reason``). Put them *before*
-  a pruning callback so the pruned epoch's metrics are logged too.
+  ``trial_state=COMPLETE``), KILLED for ``optuna.TrialPruned`` and for a trial
+  whose loss diverged (PRUNED, as the sweep counts it), FAILED for any other
+  exception (FAIL, with ``failure_reason``). Put them *before* a pruning
+  callback so the pruned epoch's metrics are logged too.
 * :func:`start_sweep_run` — the study's parent run (reused when the study resumes).
 * :func:`finish_sweep_run` — Optuna plots and the top-trials table on the parent; ends it.
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from rnnsearch.callbacks import Callback
+from rnnsearch.callbacks import Callback, TrainingDiverged
 from rnnsearch.tracking import worker
 from rnnsearch.tracking.settings import TrackingSettings, choice_params, flatten, format_value, run_config, run_label, to_dict
 
@@ -29,15 +29,20 @@ RERUN_HINT = ("# The resolved config of this run. Rerun it with\n"
               "#   python -m rnnsearch --config-path \"$(realpath DIR)\" --config-name config [key=value ...]\n")
 
 
-def classify_abort(exc: BaseException) -> tuple[str, str, Optional[str]]:
-    """``(run status, trial state, failure reason)`` of a training that ended with ``exc``."""
+def classify_abort(exc: BaseException, trial: bool = False) -> tuple[str, str, Optional[str]]:
+    """``(run status, trial state, reason)`` of a training that ended with ``exc``.
+
+    A sweep trial whose loss diverged counts as pruned, as the sweep records it in Optuna
+    (rnnsearch/search/objective.py); a single run that diverged failed.
+    """
     optuna = sys.modules.get("optuna")
     if (optuna is not None and isinstance(exc, optuna.TrialPruned)) or type(exc).__name__ == "TrialPruned":
-        return "KILLED", "PRUNED", None
+        return "KILLED", "PRUNED", str(exc) or None
+    if trial and isinstance(exc, TrainingDiverged):
+        return "KILLED", "PRUNED", f"diverged: {exc}"[:2000]
     if isinstance(exc, KeyboardInterrupt):
         return "KILLED", "FAIL", "interrupted (KeyboardInterrupt)"
-    reason = f"{type(exc).__name__}: {exc}".strip()
-    return "FAILED", "FAIL", reason[:2000]
+    return "FAILED", "FAIL", f"{type(exc).__name__}: {exc}".strip()[:2000]
 
 
 class MlflowRun(Callback):
@@ -105,12 +110,12 @@ class MlflowRun(Callback):
 
     def on_train_abort(self, exc: BaseException) -> None:
         t0 = time.perf_counter()
-        status, state, reason = classify_abort(exc)
+        status, state, reason = classify_abort(exc, trial=self.parent_run_id is not None)
         tags = {"trial_state": state}
-        if reason:
-            tags["failure_reason"] = reason
         if state == "PRUNED":
             tags["pruned_at_epoch"] = str(self.history[-1][0] if self.history else 0)
+        if reason:
+            tags["pruned_reason" if state == "PRUNED" else "failure_reason"] = reason
         self._model = None
         final = {"train_seconds": time.perf_counter() - self._t0}
         self._submit(self._finish, status, tags, final, None, None, what="ending the MLflow run")

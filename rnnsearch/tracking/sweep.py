@@ -36,6 +36,8 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
                                                       "(rnnsearch sweep): one child run per trial."})
     found = _parents(client, eid, study_name)
     full = {k: v for k, v in to_dict(cfg).items() if k != "hydra"}
+    if isinstance(full.get("sweep"), dict):  # the saved config resumes this very study
+        full["sweep"]["study_name"] = study_name
     params = {"study": study_name, **flatten({"sweep": full.get("sweep") or {}})}
     if found:
         run = found[0]

@@ -1,0 +1,310 @@
+"""``model.compile``: whether and what to ``torch.compile`` on the cell-by-cell path.
+
+One job: decide whether compiling pays, share the inductor cache, and wrap the
+right function. The fused path (``torch.nn.LSTM/GRU/RNN``) is never compiled.
+
+*What* is compiled is the time loop (:func:`rnnsearch.cells.base.run_steps`)
+over a chunk of :data:`CHUNK` steps: one graph (forward and backward) per cell
+shape, called ``T / CHUNK`` times per sequence; a shorter last chunk and any
+other shape (a smaller last batch, a no-grad evaluation pass) run eagerly, so a
+trial compiles each cell shape once, whatever its sequence lengths. Measured on
+the project's 2-core CPU (docs/performance.md): the whole unrolled loop compiles
+in 99–191 s per LSTM shape (cold) and recompiles for every sequence length; the
+per-step ``recur`` compiles in ~20 s but pays the compiled-call overhead twice
+per step; a 10-step chunk compiles in ~40–60 s (cold, ~5 s warm) and runs as
+fast as the whole loop.
+
+*The cache*: ``TORCHINDUCTOR_CACHE_DIR`` is set (unless the user set it) to
+``$RNNSEARCH_CACHE/inductor`` (default ``~/.cache/rnnsearch/inductor``), so all
+trials and worker processes of a sweep, and later sweeps, reuse each other's
+compiled graphs (inductor's FX-graph and AOTAutograd caches). A marker file
+per compiled cell signature records that a warm compile exists.
+
+*How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the
+training budget's recurrent steps (optimizer steps × sequence length × cells)
+times the per-step time compiling saves exceeds :data:`MARGIN` × the expected
+compile time (cold per new cell shape, warm for those the cache already holds).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from rnnsearch.cells.base import RNNCell, State, run_steps
+from rnnsearch.errors import choice_error
+
+COMPILE_MODES = ("auto", "true", "false")
+CHUNK = 10  # time steps per compiled call
+MARGIN = 1.5  # auto compiles only when the expected saving exceeds MARGIN × the expected compile time
+CACHE_ENV = "RNNSEARCH_CACHE"
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What compiling one cell shape costs and saves on a device type (measured, see docs/performance.md)."""
+
+    cold_s: float  # compile time of a new cell shape (forward + backward graph)
+    warm_s: float  # the same from a warm inductor cache
+    saving_s: float  # time saved per recurrent step (forward + backward) by the compiled chunk
+
+
+COSTS: dict[str, Costs] = {
+    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),
+    "cuda": Costs(cold_s=90.0, warm_s=10.0, saving_s=2e-4),
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Whether to compile, and why (logged by the training loop)."""
+
+    compile: bool
+    reason: str
+
+
+def compile_mode(value: Any) -> str:
+    """Normalise ``model.compile`` (YAML gives booleans for true/false) to auto|true|false."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "false"
+    if isinstance(value, str) and value.lower() in COMPILE_MODES:
+        return value.lower()
+    raise choice_error("model.compile", value, COMPILE_MODES)
+
+
+def cache_dir() -> Path:
+    """The inductor cache all trials share: ``$RNNSEARCH_CACHE/inductor`` or ``~/.cache/rnnsearch/inductor``."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "rnnsearch")
+    return Path(root) / "inductor"
+
+
+def setup_cache() -> Path:
+    """Point inductor at the shared cache (a user's own ``TORCHINDUCTOR_CACHE_DIR`` wins); returns it.
+
+    The environment variable is inherited by worker processes, so every worker of
+    a sweep compiles into, and loads from, the same directory.
+    """
+    path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir())))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compiler_available(device_type: str) -> bool:
+    """Whether inductor can build code here: a C++ compiler for CPU, Triton for CUDA."""
+    if device_type == "cpu":
+        return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_shapes: int,
+           device_type: str, available: bool = True) -> Decision:
+    """Whether a trial compiles its cell-by-cell path: a pure function of the budget and the cache.
+
+    Args:
+        mode: ``auto``, ``true`` or ``false`` (see :func:`compile_mode`).
+        cells: cells run step by step (layers × directions); 0 for a fused stack.
+        recur_steps: recurrent steps the training budget runs, over all cells
+            (optimizer steps × sequence length × cells).
+        new_shapes: distinct cell shapes the cache does not hold (each a cold compile).
+        cached_shapes: compiles the cache already holds, or repeats of a shape
+            compiled earlier in the same run (each a warm compile).
+        device_type: ``cpu`` or ``cuda`` (others never compile).
+        available: whether inductor can compile here (:func:`compiler_available`).
+    """
+    mode = compile_mode(mode)
+    if mode == "false":
+        return Decision(False, "model.compile=false")
+    if cells == 0:
+        return Decision(False, "fused torch.nn path (already one kernel; never compiled)")
+    if not available or device_type not in COSTS:
+        why = f"no compiler for {device_type} (a C++ compiler on CPU, Triton on CUDA)"
+        return Decision(False, why if mode == "auto" else f"model.compile=true, but {why}: running eagerly")
+    if mode == "true":
+        return Decision(True, "model.compile=true")
+    c = COSTS[device_type]
+    cost = new_shapes * c.cold_s + cached_shapes * c.warm_s
+    saving = recur_steps * c.saving_s
+    verdict = saving > MARGIN * cost
+    why = (f"budget of {recur_steps:,} recurrent steps saves ~{saving:.0f} s "
+           f"{'>' if verdict else '<='} {MARGIN:g} x ~{cost:.0f} s to compile "
+           f"({new_shapes} new, {cached_shapes} cached cell shape(s))")
+    return Decision(verdict, why)
+
+
+# -- signatures and the warm-cache markers ------------------------------------------------------------
+
+def cell_signature(cell: RNNCell, batch: int, dtype: torch.dtype, amp: Optional[torch.dtype], device_type: str,
+                   masked: bool, chunk: int = CHUNK) -> str:
+    """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call."""
+    text = "|".join(map(str, (torch.__version__, type(cell).__module__, type(cell).__qualname__, repr(cell),
+                              batch, dtype, amp, device_type, masked, chunk, cell.training)))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _marker(signature: str) -> Path:
+    return Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir()) / "rnnsearch" / signature
+
+
+def is_cached(signature: str) -> bool:
+    """Whether a graph with this signature was compiled into the shared cache before."""
+    return _marker(signature).exists()
+
+
+def _mark_cached(signature: str) -> None:
+    try:
+        path = _marker(signature)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    except OSError:  # a read-only cache only loses the warm-start hint
+        pass
+
+
+# -- the compiled runner ------------------------------------------------------------------------------
+
+class ChunkRunner:
+    """Runs a cell's time loop :data:`CHUNK` steps per compiled call (installed as ``cell.sequence_runner``).
+
+    Only grad-enabled calls use the compiled graph; it is compiled for the first
+    full chunk's shapes and reused under ``eager_on_recompile``, so other
+    shapes run eagerly instead of recompiling. A compile error falls back to
+    the eager loop with a warning.
+    """
+
+    def __init__(self, chunk: int = CHUNK) -> None:
+        self.chunk = int(chunk)
+        self._fn: Any = None
+        self.failed: Optional[str] = None
+        self.signature: Optional[str] = None
+        self.compiled_calls = 0  # chunks handed to the compiled function (for tests and logs)
+        self._sequences = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles start uncompiled
+        return {"chunk": self.chunk}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["chunk"])
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "ChunkRunner":
+        return ChunkRunner(self.chunk)
+
+    def __call__(self, cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor]) -> tuple[Tensor, State]:
+        K = self.chunk
+        if self.failed or not torch.is_grad_enabled() or xp.shape[1] < K:
+            return run_steps(cell, xp, state, valid)
+        self._sequences += 1
+        if self._sequences == 2 and self.signature is not None:  # one step (forward + backward) done
+            _mark_cached(self.signature)
+        # A state that needs no grad (the zero state) would be a second graph: make every chunk alike.
+        state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in state)
+        vs = valid.split(K, 0) if valid is not None else None
+        outs = []
+        for i, xc in enumerate(xp.split(K, 1)):
+            vc = None if vs is None else vs[i]
+            if xc.shape[1] == K and not self.failed:
+                out, state = self._compiled(cell, xc, state, vc)
+            else:
+                out, state = run_steps(cell, xc, state, vc)
+            outs.append(out)
+        return (torch.cat(outs, 1) if len(outs) > 1 else outs[0]), state
+
+    def _compiled(self, cell: RNNCell, xc: Tensor, state: State, vc: Optional[Tensor]) -> tuple[Tensor, State]:
+        if self._fn is None:
+            setup_cache()
+            dev = xc.device.type
+            amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk)
+            self._fn = torch.compile(run_steps, dynamic=False)
+            try:
+                result = self._fn(cell, xc, state, vc)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                warnings.warn(f"torch.compile failed for {type(cell).__name__} ({self.failed}); "
+                              f"this cell runs eagerly.", RuntimeWarning, stacklevel=2)
+                return run_steps(cell, xc, state, vc)
+            self.compiled_calls += 1
+            return result
+        self.compiled_calls += 1
+        with torch.compiler.set_stance("eager_on_recompile"):
+            return self._fn(cell, xc, state, vc)
+
+
+def cell_dtype(cell: nn.Module) -> torch.dtype:
+    for p in cell.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+def step_cells(model: nn.Module) -> list[RNNCell]:
+    """The cells a model runs step by step (the outermost wrapper of each layer direction)."""
+    from rnnsearch.layers import RecurrentLayer
+
+    return [m.cell for m in model.modules() if isinstance(m, RecurrentLayer)]
+
+
+def install(model: nn.Module, chunk: int = CHUNK) -> int:
+    """Give every step-by-step cell of ``model`` a compiled :class:`ChunkRunner`; returns how many."""
+    cells = step_cells(model)
+    for cell in cells:
+        cell.sequence_runner = ChunkRunner(chunk)
+    return len(cells)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Back to the eager loop."""
+    for cell in step_cells(model):
+        cell.__dict__.pop("sequence_runner", None)
+
+
+def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, batch_size: int,
+            masked: bool, device: Union[torch.device, str], amp: Optional[torch.dtype] = None,
+            chunk: int = CHUNK) -> Decision:
+    """Decide for a training run (:func:`decide`) and install the compiled runners if it pays.
+
+    Args:
+        model: a :func:`~rnnsearch.build_model` model (fused stacks are left alone).
+        mode: ``model.compile`` (auto | true | false).
+        optimizer_steps: the trial's budget: ``train.epochs`` × steps per epoch (capped by ``train.max_steps``).
+        seq_len: time steps per training sequence (the longest).
+        batch_size: training batch size (the compiled shape).
+        masked: whether batches carry ``lengths`` (variable-length sequences).
+        device: the training device.
+        amp: the autocast dtype, or None.
+    """
+    dev = torch.device(device).type
+    cells = step_cells(model)
+    seen: set[str] = set()
+    new = cached = 0
+    for cell in cells:
+        sig = cell_signature(cell, batch_size, cell_dtype(cell), amp, dev, masked, chunk)
+        if sig in seen or is_cached(sig):
+            cached += 1
+        else:
+            new += 1
+        seen.add(sig)
+    full_chunks = seq_len // chunk * chunk
+    decision = decide(mode, cells=len(cells), recur_steps=optimizer_steps * full_chunks * len(cells),
+                      new_shapes=new, cached_shapes=cached, device_type=dev,
+                      available=compile_mode(mode) == "false" or not cells or compiler_available(dev))
+    if decision.compile:
+        setup_cache()
+        install(model, chunk)
+    else:
+        uninstall(model)
+    return decision
