@@ -1,4 +1,4 @@
-"""Training-speed benchmark: hand-written torch.nn vs rnnsearch's fused and cell-by-cell paths.
+"""Training-speed benchmark: hand-written torch.nn vs rnnsearch's fused, eager and compiled cell paths.
 
 For each configuration it times full training steps (forward, backward, Adam)
 on random data — batch 64, length 100, input 32, a linear head on the last step
@@ -7,38 +7,68 @@ and MSE — and prints tokens/s of
   (a) a hand-written ``torch.nn.LSTM``/``GRU`` + ``Linear`` loop (the baseline),
   (b) ``build_model(..., fused=always)`` — rnnsearch's fused path,
   (c) ``build_model(..., fused=never)`` — the registry cell run step by step (eager),
+  (d) the same with ``model.compile=true`` — the time loop compiled a chunk of
+      steps at a time (``rnnsearch.compile``; its first-step compile time is shown),
 
-with (b)/(a) and (c)/(a), plus the achieved GFLOP/s of (a) against the float32
-GEMM throughput measured on the same machine in the same run. Timing alternates
-the paths in rounds and keeps each path's best round, so background load on
-the machine hurts all paths alike.
+each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
+throughput measured on the same machine in the same run (float32, or bfloat16
+with ``--amp bf16``). Timing alternates the paths in rounds and keeps each
+path's best round, so background load on the machine hurts all paths alike.
 
-    python scripts/bench.py                 # LSTM/GRU, hidden 128/256, 1-2 layers, uni/bi
-    python scripts/bench.py --quick         # LSTM, hidden 128 and 256, 1 layer (issue 2's table)
+``--memory`` reports instead the peak memory of one training step on the
+adding task (input 2, batch 64) at T=100 and T=1000: on CPU the growth of the
+process's peak resident memory during the step (each measurement in a fresh
+process), on CUDA ``torch.cuda.max_memory_allocated`` above the memory held
+before the step.
+
+    python scripts/bench.py                      # LSTM/GRU, hidden 128/256, 1-2 layers, uni/bi
+    python scripts/bench.py --quick              # LSTM, hidden 128 and 256, 1 layer
+    python scripts/bench.py --device cuda --amp bf16 --quick
+    python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import itertools
+import json
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any, Optional
 
 import torch
 from torch import nn
 
 from rnnsearch import build_model
+from rnnsearch import compile as compiling
+
+PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled"}
 
 
-def gemm_gflops(n: int = 1024, reps: int = 20) -> float:
-    """Float32 matmul throughput of this machine (GFLOP/s), best of a few rounds."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20) -> float:
+    """Matmul throughput of this machine (GFLOP/s), best of a few rounds."""
+    if device.type == "cuda":
+        n, reps = 4096, 50
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     torch.mm(a, b)
     best = 0.0
     for _ in range(3):
+        sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
             torch.mm(a, b)
+        sync(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -59,16 +89,42 @@ class Baseline(nn.Module):
         return self.head(last)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+              amp: Optional[torch.dtype] = None) -> Callable[[], None]:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ctx = (lambda: torch.autocast(x.device.type, dtype=amp)) if amp is not None else nullcontext
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = nn.functional.mse_loss(model(x, None), y)
+        with ctx():
+            out = model(x, None)
+        loss = nn.functional.mse_loss(out.float(), y)
         loss.backward()
         opt.step()
 
     return step
+
+
+def make_models(kind: str, input_size: int, hidden: int, layers: int, bi: bool, paths: str,
+                chunk: int) -> dict[str, nn.Module]:
+    """The benchmarked models, same sizes (forget_bias 0: torch.nn's LSTM has none)."""
+    cfg: dict[str, Any] = {"cell": {"name": kind}, "model": {"hidden_size": hidden, "num_layers": layers,
+                                                             "bidirectional": bi, "embedding_size": 0,
+                                                             "fused": "always", "compile": "false"}}
+    if kind == "lstm":
+        cfg["cell"]["forget_bias"] = 0.0
+    models: dict[str, nn.Module] = {}
+    for p in paths:
+        if p == "a":
+            models[p] = Baseline(kind, input_size, hidden, layers, bi)
+        elif p == "b":
+            models[p] = build_model(cfg, input_size, 1)
+        else:
+            models[p] = build_model({**cfg, "model": {**cfg["model"], "fused": "never"}}, input_size, 1)
+            if p == "d":
+                compiling.setup_cache()
+                compiling.install(models[p], chunk)
+    return models
 
 
 def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers: int, bi: bool) -> float:
@@ -82,24 +138,136 @@ def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers:
     return 3 * total
 
 
-def time_paths(steps: dict[str, Callable[[], None]], rounds: int, iters: int) -> dict[str, float]:
-    """Best seconds per step of each path, alternating paths round by round."""
-    for fn in steps.values():  # warm-up
+def time_paths(steps: dict[str, Callable[[], None]], rounds: int, iters: int,
+               device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
+    """Best seconds per step of each path (alternating paths round by round), and each path's warm-up seconds."""
+    warmup = {}
+    for name, fn in steps.items():  # warm-up: the compiled path compiles here
+        sync(device)
+        t0 = time.perf_counter()
         fn()
         fn()
+        sync(device)
+        warmup[name] = time.perf_counter() - t0
     best = {k: float("inf") for k in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(iters):
                 fn()
+            sync(device)
             best[name] = min(best[name], (time.perf_counter() - t0) / iters)
-    return best
+    return best, warmup
+
+
+def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
+    peak = gemm_gflops(device, amp or torch.float32)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    load = f"; load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    print(f"torch {torch.__version__} on {device.type} ({where}); {'bf16' if amp else 'float32'} GEMM peak "
+          f"{peak:.1f} GFLOP/s{load}")
+    print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam"
+          f"{'; bf16 autocast' if amp else ''}; compiled chunk {args.chunk} steps\n")
+    grid = (itertools.product(["lstm"], [128, 256], [1], [False]) if args.quick
+            else itertools.product(["lstm", "gru"], [128, 256], [1, 2], [False, True]))
+    paths = args.paths
+    header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
+    for p in paths[1:]:
+        header += f" | {'(' + p + ') ' + PATHS[p]:>16} {'/(a)':>5}"
+    if "d" in paths:
+        header += f" | {'compile s':>9}"
+    print(header)
+    print("-" * len(header))
+    x = torch.randn(args.batch, args.steps, args.input, device=device)
+    y = torch.randn(args.batch, 1, device=device)
+    for kind, hidden, layers, bi in grid:
+        models = make_models(kind, args.input, hidden, layers, bi, paths, args.chunk)
+        steps = {k: make_step(m.to(device), x, y, amp) for k, m in models.items()}
+        t, warm = time_paths(steps, args.rounds, args.iters, device)
+        tok = {k: args.batch * args.steps / v for k, v in t.items()}
+        gflops = step_flops(kind, args.batch, args.steps, args.input, hidden, layers, bi) / t["a"] / 1e9
+        line = (f"{kind:<5} {hidden:>4} {layers:>2} {'bi' if bi else 'uni':>3} | {tok['a']:>10,.0f} {gflops:>8.1f} "
+                f"{100 * gflops / peak:>5.0f}%")
+        for p in paths[1:]:
+            line += f" | {tok[p]:>16,.0f} {tok[p] / tok['a']:>5.2f}"
+        if "d" in paths:
+            line += f" | {max(warm['d'] - 2 * t['d'], 0.0):>9.1f}"
+        print(line, flush=True)
+
+
+# -- memory -----------------------------------------------------------------------------------------------
+
+def _proc_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _release_cpu_memory() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the next peak is the step's own
+    except (OSError, AttributeError):
+        pass
+
+
+def measure_memory(path: str, steps: int, hidden: int, device: torch.device, chunk: int,
+                   amp: Optional[torch.dtype]) -> float:
+    """Peak memory (MiB) one training step adds, on the adding task with batch 64 (after one warm-up step)."""
+    from rnnsearch.tasks.adding import AddingTask
+
+    batch = AddingTask(seq_len=steps).generate(64, torch.Generator().manual_seed(0)).to(device)
+    model = make_models("lstm", 2, hidden, 1, False, path, chunk)[path].to(device)
+    step = make_step(model, batch.x, batch.y, amp)
+    step()  # warm-up: Adam's state, the compile of (d)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _release_cpu_memory()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak resident size (VmHWM) to the current one
+    before = _proc_kb("VmRSS")
+    step()
+    return (_proc_kb("VmHWM") - before) / 1024
+
+
+def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
+    print(f"peak memory of one training step (MiB), LSTM, adding task, batch 64, on {device.type}"
+          f"{' (bf16 autocast)' if amp else ''}; {'CUDA max_memory_allocated' if device.type == 'cuda' else 'growth of peak RSS, fresh process each'}\n")
+    sizes = [(h, t) for h in ([128, 256] if not args.quick else [256]) for t in (100, 1000)]
+    header = f"{'H':>4} {'T':>5} | " + " | ".join(f"{'(' + p + ') ' + PATHS[p]:>16}" for p in args.paths)
+    print(header)
+    print("-" * len(header))
+    for hidden, steps in sizes:
+        cells = []
+        for p in args.paths:
+            if device.type == "cuda":
+                mib = measure_memory(p, steps, hidden, device, args.chunk, amp)
+            else:  # a fresh process each: the allocator's high-water mark is per process
+                cmd = [sys.executable, __file__, "--memory-one", f"{p},{steps},{hidden}", "--chunk", str(args.chunk),
+                       "--device", args.device] + (["--amp", args.amp] if args.amp else [])
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                mib = json.loads(out.strip().splitlines()[-1])["mib"]
+            cells.append(f"{mib:>16,.0f}")
+        print(f"{hidden:>4} {steps:>5} | " + " | ".join(cells), flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="LSTM, hidden 128/256, 1 layer, unidirectional only")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
+    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcd in order (a is required)")
+    p.add_argument("--chunk", type=int, default=compiling.CHUNK, help="time steps per compiled call, path (d)")
+    p.add_argument("--memory", action="store_true", help="peak memory of a training step at T=100 and T=1000")
+    p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=100, help="sequence length")
     p.add_argument("--input", type=int, default=32)
@@ -109,33 +277,18 @@ def main() -> None:
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    amp = torch.bfloat16 if args.amp == "bf16" else None
     torch.manual_seed(0)
-    peak = gemm_gflops()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; float32 GEMM peak {peak:.1f} GFLOP/s")
-    print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam\n")
-    grid = (itertools.product(["lstm"], [128, 256], [1], [False]) if args.quick
-            else itertools.product(["lstm", "gru"], [128, 256], [1, 2], [False, True]))
-    header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6} | {'(b) fused':>9} {'(b)/(a)':>7} | {'(c) cell':>9} {'(c)/(a)':>7}"
-    print(header)
-    print("-" * len(header))
-    x = torch.randn(args.batch, args.steps, args.input)
-    y = torch.randn(args.batch, 1)
-    for kind, hidden, layers, bi in grid:
-        cfg = {"cell": {"name": kind}, "model": {"hidden_size": hidden, "num_layers": layers, "bidirectional": bi,
-                                                 "embedding_size": 0, "fused": "always"}}
-        if kind == "lstm":
-            cfg["cell"]["forget_bias"] = 0.0
-        fused = build_model(cfg, args.input, 1)
-        cfg["model"]["fused"] = "never"
-        cell = build_model(cfg, args.input, 1)
-        paths = {"a": make_step(Baseline(kind, args.input, hidden, layers, bi), x, y),
-                 "b": make_step(fused, x, y), "c": make_step(cell, x, y)}
-        t = time_paths(paths, args.rounds, args.iters)
-        tok = {k: args.batch * args.steps / v for k, v in t.items()}
-        gflops = step_flops(kind, args.batch, args.steps, args.input, hidden, layers, bi) / t["a"] / 1e9
-        print(f"{kind:<5} {hidden:>4} {layers:>2} {'bi' if bi else 'uni':>3} | {tok['a']:>10,.0f} {gflops:>8.1f} "
-              f"{100 * gflops / peak:>5.0f}% | {tok['b']:>9,.0f} {tok['b'] / tok['a']:>7.2f} | "
-              f"{tok['c']:>9,.0f} {tok['c'] / tok['a']:>7.2f}", flush=True)
+    if args.memory_one:
+        path, steps, hidden = args.memory_one.split(",")
+        print(json.dumps({"mib": measure_memory(path, int(steps), int(hidden), device, args.chunk, amp)}))
+    elif args.memory:
+        memory_table(args, device, amp)
+    else:
+        if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
+            p.error("--paths must start with a and use only a, b, c, d")
+        speed_table(args, device, amp)
 
 
 if __name__ == "__main__":
