@@ -12,9 +12,11 @@ journal file:
   random sampler both runs try exactly the same compositions, which isolates
   the pruner's effect; with TPE (the default) the sampler also reacts to the
   pruned results, which is what a user gets.
-* workers: ``sweep.workers=1`` vs ``2`` (the default pruner): trials per hour,
-  from the first trial's start to the last trial's end (and for the whole
-  command, Python start-up and worker spawning included).
+* workers: ``sweep.workers=1`` vs ``2`` on the same ``--workers-trials``
+  compositions (drawn once from the default space with a fixed seed and
+  enqueued, pruner off, so both runs train exactly the same models): trials
+  per hour from the first trial's start to the last trial's end, and for the
+  whole command (Python start-up and worker spawning included).
 
 On a shared machine the timings move with the load: the script prints the
 load average next to each run.
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -70,6 +74,48 @@ def run_sweep(args: list[str], label: str) -> dict[str, Any]:
         }
 
 
+def fixed_compositions(n: int, seed: int) -> str:
+    """``n`` compositions from the default search space, as a Hydra list for ``sweep.enqueue``."""
+    rng = random.Random(seed)
+    items = []
+    for _ in range(n):
+        cell = rng.choice(["rnn", "lstm", "gru"])
+        wrapper = rng.choice(["none", "dropout"])
+        c = {"cell.name": cell, "model.num_layers": rng.choice([1, 2]), "model.bidirectional": rng.choice([False, True]),
+             "model.hidden_size": rng.choice([16, 32, 64]), "model.wrappers.0.name": wrapper,
+             "optim.lr": round(10 ** rng.uniform(-3, math.log10(3e-2)), 5)}
+        if cell == "lstm":
+            c["cell.forget_bias"] = round(rng.uniform(0, 2), 3)
+        if wrapper == "dropout":
+            c["model.wrappers.0.output_keep_prob"] = round(rng.uniform(0.7, 1.0), 3)
+        items.append(c)
+    return hydra_list(items)
+
+
+def hydra_list(items: list[dict[str, Any]]) -> str:
+    def value(v: Any) -> str:
+        return str(v).lower() if isinstance(v, bool) else str(v)
+
+    # nested maps (cell: {name: gru}) because Hydra's grammar has no dotted keys
+    out = []
+    for item in items:
+        tree: dict[str, Any] = {}
+        for key, v in item.items():
+            node = tree
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = v
+
+        def render(node: Any) -> str:
+            if isinstance(node, dict):
+                return "{" + ",".join(f"{k}:{render(v)}" for k, v in node.items()) + "}"
+            return value(node)
+
+        out.append(render(tree))
+    return "[" + ",".join(out) + "]"
+
+
 def show(r: dict[str, Any]) -> None:
     best = "-" if r["best_value"] is None else f"{r['best_value']:.5f} ({r['best_trial']})"
     print(f"  {r['label']:<28} trials {r['trials']:>3} ({r['pruned']} pruned, {r['failed']} failed)  "
@@ -84,6 +130,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="sweep.seed")
     parser.add_argument("--samplers", default="tpe,random", help="samplers for the pruning comparison")
     parser.add_argument("--only", choices=("pruning", "workers"), default=None)
+    parser.add_argument("--workers-trials", type=int, default=12, help="compositions in the workers comparison")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     parser.add_argument("overrides", nargs="*", help="extra overrides for every run")
     a = parser.parse_args()
@@ -104,8 +151,10 @@ def main() -> None:
             results["pruning"].append({"sampler": sampler, "median": pair[0], "none": pair[1],
                                        "epochs_saved": round(saved, 3)})
     if a.only in (None, "workers"):
-        print("workers: 1 vs 2 (default pruner)")
-        runs = [run_sweep([*common, f"sweep.workers={n}"], f"workers={n}") for n in (1, 2)]
+        print(f"workers: 1 vs 2 on the same {a.workers_trials} compositions (pruner off)")
+        fixed = [f"sweep.seed={a.seed}", f"sweep.n_trials={a.workers_trials}", "sweep.pruner=none",
+                 f"sweep.enqueue={fixed_compositions(a.workers_trials, a.seed)}", *a.overrides]
+        runs = [run_sweep([*fixed, f"sweep.workers={n}"], f"workers={n}") for n in (1, 2)]
         for r in runs:
             show(r)
         if runs[0]["trials_per_hour"] and runs[1]["trials_per_hour"]:
