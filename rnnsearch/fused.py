@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 
 @dataclass
@@ -121,11 +121,26 @@ class FusedStack(nn.Module):
         if lengths is not None and lengths.device.type == "cpu" and bool((lengths == steps).all()):
             lengths = None  # every row is full length: packing would change nothing
         if lengths is not None:
-            packed = pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)  # .cpu(): a sync on GPU
-            out, finals = self.rnn(packed, states)
+            out, finals = self.rnn(pack(x, lengths), states)
             out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
         else:
             out, finals = self.rnn(x, states)
         h_n = finals[0] if isinstance(finals, tuple) else finals  # (layers*dirs, b, out)
         last = torch.cat([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
         return self.out_dropout(out), self.out_dropout(last), finals
+
+
+def pack(x: Tensor, lengths: Tensor) -> PackedSequence:
+    """``pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)`` without a host–device sync.
+
+    torch's version sorts on the CPU and then copies the permutation to the GPU
+    with a blocking copy; here the copies are asynchronous. With ``lengths`` on
+    the GPU, reading them to the CPU is the one sync left: pass CPU lengths.
+    """
+    cpu = lengths.cpu()
+    sorted_lengths, order = torch.sort(cpu, descending=True)
+    unsort = torch.empty_like(order)
+    unsort[order] = torch.arange(len(order))
+    order_dev = order.to(x.device, non_blocking=True)
+    packed = pack_padded_sequence(x.index_select(0, order_dev), sorted_lengths, batch_first=True, enforce_sorted=True)
+    return PackedSequence(packed.data, packed.batch_sizes, order_dev, unsort.to(x.device, non_blocking=True))

@@ -177,7 +177,8 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=device)
-        tokens = torch.zeros((), device=device, dtype=torch.long)
+        tokens = torch.zeros((), device=device, dtype=torch.long)  # counted on the device only without CPU lengths
+        host_tokens = 0
         n_batches = 0
         for batch in task.batches("train", batch_size, device, shuffle=True, generator=shuffle_gen):
             optimizer.zero_grad(set_to_none=True)
@@ -189,13 +190,19 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
                 nn.utils.clip_grad_norm_(model.parameters(), float(clip))
             optimizer.step()
             loss_sum += loss.detach()
-            tokens += batch.tokens()
+            if batch.lengths is None:
+                host_tokens += batch.x.shape[0] * batch.x.shape[1]  # no device op (torch.tensor(n, device) would sync)
+            elif batch.cpu_lengths is not None:
+                host_tokens += int(batch.cpu_lengths.sum())
+            else:
+                tokens += batch.tokens()
             n_batches += 1
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 stopped = "max_steps"
                 break
         train_loss, n_tokens = torch.stack([loss_sum / max(n_batches, 1), tokens.to(loss_sum.dtype)]).tolist()
+        n_tokens += host_tokens
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):
             raise TrainingDiverged(

@@ -4,7 +4,11 @@ First an untracked warm-up, then one 'cold' tracked run (imports mlflow and crea
 process), then N alternating untracked / tracked pairs (what each further trial of a sweep costs).
 Wall time with tracking includes waiting for the tracking thread to finish (flush), i.e. the worst case.
 """
-import json, sys, time, tempfile
+import json
+import sys
+import tempfile
+import time
+
 from hydra import compose, initialize_config_dir
 from rnnsearch.cli import CONF_DIR
 from rnnsearch.train import train

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import warnings
 from typing import Any
 
 import pytest
@@ -252,3 +253,67 @@ def test_compiled_cell_path_gives_the_fused_outputs_and_gradients(cell, layers, 
         assert_close(cells(x, lengths), out_f, what="no-grad outputs")
     assert all(r.compiled_calls == 4 for r in runners)
     assert all(compiling.is_cached(r.signature) for r in runners), "a warm-cache marker is written"
+
+
+# -- CUDA (skipped without a GPU) ----------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("bi", [False, True], ids=["uni", "bi"])
+def test_cuda_cudnn_fused_path_matches_the_eager_cell_path(bi):
+    assert torch.backends.cudnn.enabled and torch.backends.cudnn.is_available(), "the fused path runs on cuDNN"
+    cells, fused = _pair({"name": "lstm"}, 2, bi)
+    cells, fused = cells.cuda(), fused.cuda()
+    x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64, device="cuda")
+    for lengths_c, lengths_f in ((None, None), (LENGTHS.cuda(), LENGTHS)):  # fused packs with CPU lengths
+        out_c, gx_c, g_c = _outputs_and_grads(cells, x, lengths_c)
+        out_f, gx_f, g_f = _outputs_and_grads(fused, x, lengths_f)
+        assert_close(out_c, out_f, what="outputs")
+        assert_close(gx_c, gx_f, what="input gradient")
+        _assert_same_grads(cells, fused, g_c, g_f)
+
+
+def _sync_count(overrides: list[str]) -> int:
+    """How many synchronizing CUDA calls one training run makes."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train(compose_config([*TINY, "device=cuda", "train.batch_size=16", *overrides]))
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in record)
+
+
+@cuda
+@pytest.mark.parametrize("overrides", [["task=tagging"], ["model.fused=never", "cell=gru"],
+                                       ["task=tagging", "train.amp=bf16"]], ids=["fused-packed", "cells", "bf16"])
+def test_cuda_training_steps_never_synchronize(overrides):
+    """4x the steps, the same number of host-device syncs: none of them is per step."""
+    few = _sync_count([*overrides, "task.train_size=32"])
+    many = _sync_count([*overrides, "task.train_size=128"])
+    assert many == few, f"{few} syncs with 2 steps, {many} with 8"
+
+
+@cuda
+@pytest.mark.parametrize("overrides", [[], ["model.fused=never"]], ids=["fused", "cells"])
+def test_cuda_bf16_autocast_trains(overrides):
+    result = train(compose_config([*TINY, "device=cuda", "train.amp=bf16", *overrides]))
+    assert math.isfinite(result["train/loss"]) and math.isfinite(result["test/mse"])
+
+
+@cuda
+@pytest.mark.slow
+def test_cuda_compiled_cell_path_gives_the_fused_outputs_and_gradients(cache):
+    cells, fused = _pair({"name": "gru"}, 1, True)
+    cells, fused = cells.cuda(), fused.cuda()
+    compiling.install(cells, chunk=4)
+    x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64, device="cuda")
+    out_f, gx_f, g_f = _outputs_and_grads(fused, x, LENGTHS)
+    out_c, gx_c, g_c = _outputs_and_grads(cells, x, LENGTHS.cuda())
+    assert_close(out_c, out_f, what="outputs")
+    assert_close(gx_c, gx_f, what="input gradient")
+    _assert_same_grads(cells, fused, g_c, g_f)
+    assert all(c.sequence_runner.compiled_calls == 2 for c in compiling.step_cells(cells))
