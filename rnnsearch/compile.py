@@ -96,6 +96,11 @@ def setup_cache() -> Path:
     """
     path = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir())))
     path.mkdir(parents=True, exist_ok=True)
+    import torch._dynamo
+
+    # every compiled graph is a variant of one function (run_steps): let a long sweep worker hold many
+    limit = getattr(torch._dynamo.config, "recompile_limit", 8)
+    torch._dynamo.config.recompile_limit = max(limit, 64)
     return path
 
 
@@ -177,18 +182,36 @@ def _mark_cached(signature: str) -> None:
 
 # -- the compiled runner ------------------------------------------------------------------------------
 
+#: One compiled ``run_steps`` per graph: cells of the same kind, width and options (the layers of a stack,
+#: both directions, the next trial in the same worker) share it, since parameters are graph inputs.
+_SHARED: dict[str, Any] = {}
+
+
+def _graph_key(cell: RNNCell, call_key: tuple[Any, ...]) -> str:
+    """What decides the graph: every (wrapped) cell's class, width, options and mode, and the call's shapes.
+
+    The input width is left out (only the input projection uses it, outside the loop); dynamo's
+    guards still check everything, so a key that is too coarse costs a recompile, never a wrong result.
+    """
+    parts = [(type(m).__module__, type(m).__qualname__, getattr(m, "hidden_size", None), m.training,
+              tuple((k, getattr(m, k, None)) for k in getattr(m, "options", ())))
+             for m in cell.modules()]
+    return repr((parts, call_key))
+
 class ChunkRunner:
     """Runs a cell's time loop :data:`CHUNK` steps per compiled call (installed as ``cell.sequence_runner``).
 
     Only grad-enabled calls use the compiled graph; it is compiled for the first
-    full chunk's shapes and reused under ``eager_on_recompile``, so other
-    shapes run eagerly instead of recompiling. A compile error falls back to
-    the eager loop with a warning.
+    full chunk's shapes (batch, widths, dtype, masked or not, autocast) and
+    reused for calls with the same ones; any other call runs eagerly instead of
+    recompiling (and ``eager_on_recompile`` covers any other guard dynamo adds).
+    A compile error falls back to the eager loop with a warning.
     """
 
     def __init__(self, chunk: int = CHUNK) -> None:
         self.chunk = int(chunk)
         self._fn: Any = None
+        self._key: Any = None  # what the graph was compiled for
         self.failed: Optional[str] = None
         self.signature: Optional[str] = None
         self.compiled_calls = 0  # chunks handed to the compiled function (for tests and logs)
@@ -216,7 +239,7 @@ class ChunkRunner:
         outs = []
         for i, xc in enumerate(xp.split(K, 1)):
             vc = None if vs is None else vs[i]
-            if xc.shape[1] == K and not self.failed:
+            if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc)):
                 out, state = self._compiled(cell, xc, state, vc)
             else:
                 out, state = run_steps(cell, xc, state, vc)
@@ -229,10 +252,15 @@ class ChunkRunner:
             dev = xc.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk)
-            self._fn = torch.compile(run_steps, dynamic=False)
-            try:
+            self._key = _call_key(xc, state, vc)
+            graph = _graph_key(cell, self._key)
+            if graph not in _SHARED:
+                _SHARED[graph] = torch.compile(run_steps, dynamic=False)
+            self._fn = _SHARED[graph]
+            try:  # the first call compiles (or finds the graph another cell compiled)
                 result = self._fn(cell, xc, state, vc)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+                _SHARED.pop(graph, None)
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 warnings.warn(f"torch.compile failed for {type(cell).__name__} ({self.failed}); "
                               f"this cell runs eagerly.", RuntimeWarning, stacklevel=2)
@@ -242,6 +270,12 @@ class ChunkRunner:
         self.compiled_calls += 1
         with torch.compiler.set_stance("eager_on_recompile"):
             return self._fn(cell, xc, state, vc)
+
+
+def _call_key(xc: Tensor, state: State, vc: Optional[Tensor]) -> tuple[Any, ...]:
+    dev = xc.device.type
+    return (xc.shape, xc.dtype, xc.device, vc is None, tuple((s.shape, s.dtype) for s in state),
+            torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
 
 
 def cell_dtype(cell: nn.Module) -> torch.dtype:

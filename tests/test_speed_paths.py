@@ -251,7 +251,9 @@ def test_compiled_cell_path_gives_the_fused_outputs_and_gradients(cell, layers, 
     assert all(r.compiled_calls == 4 and not r.failed for r in runners), [r.compiled_calls for r in runners]
     with torch.no_grad():  # evaluation runs the eager loop, with the same result
         assert_close(cells(x, lengths), out_f, what="no-grad outputs")
-    assert all(r.compiled_calls == 4 for r in runners)
+    small = _outputs_and_grads(cells, x[:3], None if lengths is None else lengths[:3])[0]  # another shape: eager
+    assert_close(small, fused(x[:3], None if lengths is None else lengths[:3]), what="another batch size")
+    assert all(r.compiled_calls == 4 for r in runners), "no second graph was compiled or used"
     assert all(compiling.is_cached(r.signature) for r in runners), "a warm-cache marker is written"
 
 
