@@ -99,8 +99,8 @@ def setup_cache() -> Path:
     import torch._dynamo
 
     # every compiled graph is a variant of one function (run_steps): let a long sweep worker hold many
-    limit = getattr(torch._dynamo.config, "recompile_limit", 8)
-    torch._dynamo.config.recompile_limit = max(limit, 64)
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
     return path
 
 

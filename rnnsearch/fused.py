@@ -121,8 +121,12 @@ class FusedStack(nn.Module):
         if lengths is not None and lengths.device.type == "cpu" and bool((lengths == steps).all()):
             lengths = None  # every row is full length: packing would change nothing
         if lengths is not None:
-            out, finals = self.rnn(pack(x, lengths), states)
-            out, _ = pad_packed_sequence(out, batch_first=True, total_length=steps)
+            packed = pack(x, lengths)
+            out, finals = self.rnn(packed, states)
+            # unpack in sorted order and unsort on the device (torch's unsorting also reads indices to the CPU)
+            out, _ = pad_packed_sequence(PackedSequence(out.data, out.batch_sizes), batch_first=True,
+                                         total_length=steps)
+            out = out.index_select(0, packed.unsorted_indices)
         else:
             out, finals = self.rnn(x, states)
         h_n = finals[0] if isinstance(finals, tuple) else finals  # (layers*dirs, b, out)
@@ -136,6 +140,7 @@ def pack(x: Tensor, lengths: Tensor) -> PackedSequence:
     torch's version sorts on the CPU and then copies the permutation to the GPU
     with a blocking copy; here the copies are asynchronous. With ``lengths`` on
     the GPU, reading them to the CPU is the one sync left: pass CPU lengths.
+    The packed sequence carries its (device) sort and unsort permutations.
     """
     cpu = lengths.cpu()
     sorted_lengths, order = torch.sort(cpu, descending=True)

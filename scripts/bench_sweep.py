@@ -1,7 +1,7 @@
 """Benchmark the default sweep: what pruning saves, and what a second worker adds.
 
     python scripts/bench_sweep.py                      # both comparisons, the default sweep as shipped
-    python scripts/bench_sweep.py --n-trials 12 --only pruning --samplers tpe,random --json bench.json
+    python scripts/bench_sweep.py --only pruning --samplers random --pruners median,hyperband --json b.json
 
 Runs the real command line (``python -m rnnsearch +sweep tracking=none ...``)
 in a fresh temporary directory per run, then reads each study back from its
@@ -42,13 +42,16 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 
-def run_sweep(args: list[str], label: str) -> dict[str, Any]:
-    """One ``python -m rnnsearch +sweep`` run in a temp dir; returns its figures."""
+def run_sweep(args: list[str], label: str, threads: int | None = None) -> dict[str, Any]:
+    """One ``python -m rnnsearch +sweep`` run in a temp dir (``threads``: OMP_NUM_THREADS); returns its figures."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     with tempfile.TemporaryDirectory(prefix="bench_sweep_") as cwd:
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
         done = subprocess.run([sys.executable, "-m", "rnnsearch", "+sweep", "tracking=none", "sweep.progress=plain",
-                               "sweep.study_name=bench", *args], cwd=cwd, text=True, capture_output=True)
+                               "sweep.study_name=bench", *args], cwd=cwd, text=True, capture_output=True, env=env)
         wall = time.perf_counter() - t0
         if done.returncode != 0:
             raise SystemExit(f"{label}: the sweep failed (status {done.returncode}):\n{done.stderr[-3000:]}")
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--n-trials", type=int, default=None, help="sweep.n_trials (default: the sweep file's)")
     parser.add_argument("--seed", type=int, default=0, help="sweep.seed")
     parser.add_argument("--samplers", default="tpe,random", help="samplers for the pruning comparison")
+    parser.add_argument("--pruners", default="median", help="pruners compared with none")
+    parser.add_argument("--repeat", type=int, default=1, help="repeat the workers comparison (timings are noisy)")
     parser.add_argument("--only", choices=("pruning", "workers"), default=None)
     parser.add_argument("--workers-trials", type=int, default=12, help="compositions in the workers comparison")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
@@ -137,29 +142,37 @@ def main() -> None:
     common = [f"sweep.seed={a.seed}", *([f"sweep.n_trials={a.n_trials}"] if a.n_trials else []), *a.overrides]
     results: dict[str, Any] = {"cpu_count": os.cpu_count(), "pruning": [], "workers": []}
     if a.only in (None, "pruning"):
-        print("pruning: default pruner (median) vs none, 1 worker")
+        print(f"pruning: {a.pruners} vs none, 1 single-threaded worker (epochs and best values do not depend on "
+              f"the machine's load; the times do)")
         for sampler in a.samplers.split(","):
-            pair = []
-            for pruner in ("median", "none"):
-                r = run_sweep([*common, f"sweep.sampler={sampler}", f"sweep.pruner={pruner}", "sweep.workers=1"],
-                              f"{sampler}, pruner={pruner}")
+            runs = {p: run_sweep([*common, f"sweep.sampler={sampler}", f"sweep.pruner={p}", "sweep.workers=1"],
+                                 f"{sampler}, pruner={p}", threads=1) for p in ["none", *a.pruners.split(",")]}
+            for r in runs.values():
                 show(r)
-                pair.append(r)
-            saved = 1 - pair[0]["epochs"] / pair[1]["epochs"]
-            print(f"  -> {sampler}: the pruner trained {saved:.0%} fewer epochs; best {pair[0]['best_value']:.5f} "
-                  f"vs {pair[1]['best_value']:.5f} without pruning", flush=True)
-            results["pruning"].append({"sampler": sampler, "median": pair[0], "none": pair[1],
-                                       "epochs_saved": round(saved, 3)})
+            base = runs["none"]
+            for p, r in runs.items():
+                if p != "none":
+                    saved = 1 - r["epochs"] / base["epochs"]
+                    print(f"  -> {sampler}, {p}: {saved:.0%} fewer epochs than without pruning; best "
+                          f"{r['best_value']:.5f} vs {base['best_value']:.5f}", flush=True)
+                    results["pruning"].append({"sampler": sampler, "pruner": p, "run": r, "none": base,
+                                               "epochs_saved": round(saved, 3)})
     if a.only in (None, "workers"):
         print(f"workers: 1 vs 2 on the same {a.workers_trials} compositions (pruner off)")
         fixed = [f"sweep.seed={a.seed}", f"sweep.n_trials={a.workers_trials}", "sweep.pruner=none",
                  f"sweep.enqueue={fixed_compositions(a.workers_trials, a.seed)}", *a.overrides]
-        runs = [run_sweep([*fixed, f"sweep.workers={n}"], f"workers={n}") for n in (1, 2)]
-        for r in runs:
-            show(r)
-        if runs[0]["trials_per_hour"] and runs[1]["trials_per_hour"]:
-            print(f"  -> 2 workers: {runs[1]['trials_per_hour'] / runs[0]['trials_per_hour']:.2f}x the trials/hour "
-                  f"of 1 (command: {runs[1]['trials_per_hour_command'] / runs[0]['trials_per_hour_command']:.2f}x)")
+        runs = []
+        for _ in range(a.repeat):
+            runs += [run_sweep([*fixed, "sweep.workers=1"], "workers=1 (torch threads: all cores)"),
+                     run_sweep([*fixed, "sweep.workers=1"], "workers=1 (1 torch thread)", threads=1),
+                     run_sweep([*fixed, "sweep.workers=2"], "workers=2 (1 torch thread each)")]
+            for r in runs[-3:]:
+                show(r)
+            one, two = runs[-2], runs[-1]
+            if one["trials_per_hour"] and two["trials_per_hour"]:
+                print(f"  -> 2 workers: {two['trials_per_hour'] / one['trials_per_hour']:.2f}x the trials/hour of 1 "
+                      f"single-threaded worker (command: {two['trials_per_hour_command'] / one['trials_per_hour_command']:.2f}x)",
+                      flush=True)
         results["workers"] = runs
     if a.json:
         Path(a.json).write_text(json.dumps(results, indent=2, default=str))

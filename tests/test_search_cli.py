@@ -10,7 +10,7 @@ from conftest import run_cli
 
 ENV = {"OMP_NUM_THREADS": "1"}
 
-SHRINK_CLI = ["tracking=none", "device=cpu", "sweep.n_trials=3",
+SHRINK_CLI = ["tracking=none", "device=cpu", "sweep.n_trials=3", "sweep.workers=1",
               "task.seq_len=8", "task.train_size=128", "task.val_size=64", "task.test_size=64",  # beat sweep.overrides
               "train.epochs=2",
               "sweep.params.model.hidden_size=choice(4,8)",  # unquoted: the CLI quotes search spaces for Hydra

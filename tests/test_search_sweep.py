@@ -20,7 +20,7 @@ from rnnsearch.cli import rewrite_argv
 from rnnsearch.search import SweepFailed, run_sweep
 
 #: Shrinks the default sweep to tiny models on tiny data (a trial takes well under a second).
-SHRINK = ["tracking=none", "device=cpu", "sweep.overrides.task.seq_len=8", "sweep.overrides.task.train_size=128",
+SHRINK = ["tracking=none", "device=cpu", "sweep.workers=1", "sweep.overrides.task.seq_len=8", "sweep.overrides.task.train_size=128",
           "sweep.overrides.task.val_size=64", "sweep.overrides.task.test_size=64", "sweep.overrides.train.epochs=3",
           "sweep.params.model.hidden_size=choice(4,8)", "sweep.progress=plain",
           "sweep.enqueue=[{cell:{name:lstm},model:{hidden_size:8,num_layers:1,bidirectional:false}}]"]

@@ -44,7 +44,7 @@ def _outputs_and_grads(model, x, lengths):
     x = x.clone().requires_grad_()
     model.zero_grad(set_to_none=True)
     out = model(x, lengths)  # (b, t, out)
-    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=out.device).view_as(out)
     (out * weights).sum().backward()
     return out.detach(), x.grad, {n: p.grad for n, p in model.named_parameters()}
 
@@ -116,8 +116,9 @@ def test_training_passes_the_cpu_lengths_to_the_fused_path_only():
 
 
 def test_variable_length_batches_carry_a_cpu_copy_of_their_lengths():
-    cfg = compose_config(["task=tagging"])
     from rnnsearch import create_task
+
+    cfg = compose_config(["task=tagging"])
 
     task = create_task({**dict(cfg.task), "train_size": 40})
     for batch in task.batches("train", 16, "cpu", shuffle=True, generator=torch.Generator().manual_seed(0)):
@@ -277,6 +278,9 @@ def test_cuda_cudnn_fused_path_matches_the_eager_cell_path(bi):
         _assert_same_grads(cells, fused, g_c, g_f)
 
 
+TAGGING = ["task=tagging", "task.min_len=4"]  # variable lengths (packed on the fused path), within TINY's seq_len
+
+
 def _sync_count(overrides: list[str]) -> int:
     """How many synchronizing CUDA calls one training run makes."""
     with warnings.catch_warnings(record=True) as record:
@@ -290,8 +294,8 @@ def _sync_count(overrides: list[str]) -> int:
 
 
 @cuda
-@pytest.mark.parametrize("overrides", [["task=tagging"], ["model.fused=never", "cell=gru"],
-                                       ["task=tagging", "train.amp=bf16"]], ids=["fused-packed", "cells", "bf16"])
+@pytest.mark.parametrize("overrides", [TAGGING, ["model.fused=never", "cell=gru"], [*TAGGING, "train.amp=bf16"]],
+                         ids=["fused-packed", "cells", "bf16"])
 def test_cuda_training_steps_never_synchronize(overrides):
     """4x the steps, the same number of host-device syncs: none of them is per step."""
     few = _sync_count([*overrides, "task.train_size=32"])

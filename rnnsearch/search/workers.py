@@ -8,10 +8,11 @@ is no batch barrier: a worker takes the next trial the moment its last one ends.
 ``n_trials`` is the study's total, so a rerun resumes and redoes nothing.
 
 ``auto`` means one worker per visible GPU, each pinned with
-``CUDA_VISIBLE_DEVICES``; without GPUs it means one worker per two cores (two
-single-threaded processes beat one two-threaded one on small RNNs:
-``scripts/bench_sweep.py``). On CPU the workers split the cores
-(``torch.set_num_threads(cores // workers)``).
+``CUDA_VISIBLE_DEVICES``; without GPUs, one single-threaded worker per core
+(at most 8): small recurrent models gain little from intra-op threads, and on a
+busy 2-core machine one two-threaded process ran 4-15x slower than one
+single-threaded one (``scripts/bench_sweep.py``). On CPU the workers split the
+cores (``torch.set_num_threads(cores // workers)``).
 
 A worker that dies does not take the sweep down: its running trial is marked
 FAIL ("worker process died"), re-enqueued once with the same params, and a
@@ -42,6 +43,9 @@ from .settings import SweepSettings
 from .study import ClaimLock, counted_states, make_pruner, make_sampler, make_storage
 
 
+MAX_AUTO_CPU_WORKERS = 8
+
+
 @dataclass
 class WorkerJob:
     """What every worker needs (picklable)."""
@@ -58,10 +62,10 @@ class WorkerJob:
 
 
 def resolve_workers(workers: int | str) -> tuple[int, list[Optional[str]]]:
-    """``(N, [device per worker])``: ``auto`` = one per visible GPU, else one per two CPU cores."""
+    """``(N, [device per worker])``: ``auto`` = one per visible GPU, else one per CPU core (at most 8)."""
     gpus = visible_gpus()
     if workers == "auto":
-        n = len(gpus) if gpus else max(1, cpu_count() // 2)
+        n = len(gpus) if gpus else max(1, min(cpu_count(), MAX_AUTO_CPU_WORKERS))
     else:
         n = int(workers)
     return n, [gpus[i % len(gpus)] if gpus else None for i in range(n)]
