@@ -46,6 +46,7 @@ def test_two_workers_share_a_postgres_study(tmp_path: Path, study_name: str) -> 
     assert f"storage: {URL}" in text
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_without_heartbeat_is_failed_and_retried(tmp_path: Path, study_name: str) -> None:
     from rnnsearch.search.settings import SweepSettings
     from rnnsearch.search.study import make_storage, open_study

@@ -187,3 +187,44 @@ def test_command_line_keys_win_over_sweep_overrides() -> None:
     assert [p.key for p in kept] == ["task.train_size", "train.epochs"] and dropped == ["task.seq_len=20"]
     kept, dropped = _cli_wins(fixed, ["task=copy"])
     assert [p.key for p in kept] == ["train.epochs"] and len(dropped) == 2
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "random", "gp", "cmaes", "grid", "nsga2"])
+def test_every_sampler_drives_the_conditional_space(sampler: str) -> None:
+    import optuna
+
+    from rnnsearch.search.objective import suggest_with
+    from rnnsearch.search.study import make_pruner, make_sampler
+
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    space = parse_space({"cell": {"name": "choice(rnn, lstm)", "forget_bias": "choice(0.0, 1.0)"},
+                         "model": {"hidden_size": "range(4, 9, 4)"}})
+    settings = SweepSettings(sampler=sampler, sampler_options={"n_startup_trials": 2} if sampler in ("tpe", "gp")
+                             else {})
+    study = optuna.create_study(sampler=make_sampler(settings, space, 0, 6, 1), pruner=make_pruner(settings, 3))
+    base = {"cell": {"name": "rnn"}, "model": {"num_layers": 1}}
+
+    def objective(trial: optuna.Trial) -> float:
+        comp = compose_trial(base, space, suggest_with(trial), {})
+        return comp.cfg["model"]["hidden_size"] + (comp.cfg["cell"].get("forget_bias") or 0.0)
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study.optimize(objective, n_trials=6)
+    assert len(study.trials) == 6
+    for t in study.trials:
+        assert ("cell.forget_bias" in t.params) == (t.params["cell.name"] == "lstm")
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband", "successive_halving", "none"])
+def test_pruner_factory(pruner: str) -> None:
+    import optuna
+
+    from rnnsearch.search.study import make_pruner
+
+    p = make_pruner(SweepSettings(pruner=pruner), epochs=6)
+    assert isinstance(p, {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+                          "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+                          "none": optuna.pruners.NopPruner}[pruner])
+    with pytest.raises(ConfigError, match="pruner_options"):
+        make_pruner(SweepSettings(pruner=pruner, pruner_options={"bogus": 1}), epochs=6)

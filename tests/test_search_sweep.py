@@ -108,7 +108,7 @@ def test_rerun_resumes_the_same_study(tmp_path: Path) -> None:
 
 
 def test_failing_trials_are_recorded_and_max_failures_stops_the_sweep(tmp_path: Path) -> None:
-    cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.max_failures=3", "+sweep.overrides.train.batch_size=0")
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.max_failures=3", "sweep.overrides.train.batch_size=0")
     with pytest.raises(SweepFailed, match=r"last 3 trials all failed.*train.batch_size must be a positive integer"):
         sweep(cfg)
     study = load(tmp_path)

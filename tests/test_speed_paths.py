@@ -20,6 +20,7 @@ import torch
 
 from conftest import TINY, assert_close, compose_config
 from rnnsearch import ConfigError, build_model, train
+from rnnsearch.callbacks import Callback
 from rnnsearch import compile as compiling
 from rnnsearch.compile import COSTS, MARGIN, ChunkRunner, decide
 from rnnsearch.tasks.base import Batch
@@ -323,3 +324,18 @@ def test_cuda_compiled_cell_path_gives_the_fused_outputs_and_gradients(cache):
     assert_close(gx_c, gx_f, what="input gradient")
     _assert_same_grads(cells, fused, g_c, g_f)
     assert all(c.sequence_runner.compiled_calls == 2 for c in compiling.step_cells(cells))
+
+
+@pytest.mark.slow
+def test_training_with_compile_true_uses_the_compiled_loop(cache):
+    class Seen(Callback):
+        def on_train_begin(self, info: dict[str, Any]) -> None:
+            self.info = info
+
+    seen = Seen()
+    result = train(compose_config([*TINY, "cell=ln_lstm", "model.compile=true", "task.train_size=96",
+                                   "train.batch_size=32", "train.epochs=2"]), callbacks=[seen])
+    assert math.isfinite(result["test/mse"]) and seen.info["compiled"] and seen.info["compile"] == "model.compile=true"
+    runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
+    assert runner.compiled_calls == 6 and not runner.failed  # 6 steps x one 10-step chunk (seq_len 10)
+    assert compiling.is_cached(runner.signature)
