@@ -5,14 +5,17 @@ right function. The fused path (``torch.nn.LSTM/GRU/RNN``) is never compiled.
 
 *What* is compiled is the time loop (:func:`rnnsearch.cells.base.run_steps`)
 over a chunk of :data:`CHUNK` steps: one graph (forward and backward) per cell
-shape, called ``T / CHUNK`` times per sequence; a shorter last chunk and any
-other shape (a smaller last batch, a no-grad evaluation pass) run eagerly, so a
-trial compiles each cell shape once, whatever its sequence lengths. Measured on
-the project's 2-core CPU (docs/performance.md): the whole unrolled loop compiles
-in 99–191 s per LSTM shape (cold) and recompiles for every sequence length; the
-per-step ``recur`` compiles in ~20 s but pays the compiled-call overhead twice
-per step; a 10-step chunk compiles in ~40–60 s (cold, ~5 s warm) and runs as
-fast as the whole loop.
+kind, width and options — shared by every layer and direction with those, as
+parameters are graph inputs — called ``T / CHUNK`` times per sequence. A
+shorter last chunk and any other call (a smaller last batch, a no-grad
+evaluation pass) run eagerly, so a trial compiles each cell shape once,
+whatever its sequence lengths. Measured for an LSTM (hidden 128, T=100) on the
+project's 2-core CPU under load (docs/performance.md): the whole unrolled loop
+took 279–323 s to compile cold and recompiles for every sequence length; the
+per-step ``recur`` compiles in 10–19 s but is no faster than eager (the
+compiled-call overhead is paid twice per step); chunks of 5 / 10 / 20 steps
+compile in 15–23 / 30 / 54–98 s, and from 10 steps run about as fast as the
+whole loop; a warm cache brings a chunk's compile to ~3 s.
 
 *The cache*: ``TORCHINDUCTOR_CACHE_DIR`` is set (unless the user set it) to
 ``$RNNSEARCH_CACHE/inductor`` (default ``~/.cache/rnnsearch/inductor``), so all
@@ -57,9 +60,9 @@ class Costs:
     saving_s: float  # time saved per recurrent step (forward + backward) by the compiled chunk
 
 
-COSTS: dict[str, Costs] = {
-    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),
-    "cuda": Costs(cold_s=90.0, warm_s=10.0, saving_s=2e-4),
+COSTS: dict[str, Costs] = {  # rounded up (compile) and down (saving) from docs/performance.md
+    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU: 30-50 s cold, ~3 s warm
+    "cuda": Costs(cold_s=30.0, warm_s=5.0, saving_s=3e-4),  # H200: 7-16 s cold; eager 0.56 -> 0.25 ms/step
 }
 
 

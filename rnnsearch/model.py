@@ -9,8 +9,8 @@ embedding for token inputs and a linear map otherwise (``model.embedding_size``;
 registry or, when equivalent and ``model.fused`` allows, as one fused
 ``torch.nn.LSTM/GRU/RNN``; ``model.compile`` (auto | true | false) says whether
 the cell-by-cell time loop may be ``torch.compile``'d (:mod:`rnnsearch.compile`;
-``auto`` is decided by the training run from its budget). The head predicts once per sequence (from each
-direction's last real step) or at every step.
+``auto`` is decided by the training run from its budget). The head predicts
+once per sequence (from each direction's last real step) or at every step.
 """
 
 from __future__ import annotations

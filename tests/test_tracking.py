@@ -285,3 +285,11 @@ def test_multi_objective_summary(store, client, tmp_path):
     arts = {a.path for a in client.list_artifacts(parent)}
     assert {"pareto_front.png", "top_trials.csv", "top_trials.md"} <= arts
     assert client.get_run(parent).info.status == "FINISHED"
+
+
+def test_url_passwords_are_masked_in_params():
+    from rnnsearch.tracking.settings import flatten
+
+    flat = flatten({"sweep": {"storage": "postgresql://user:s3cret@db:5432/rnn"}, "tracking": {"uri": "sqlite:///m.db"}})
+    assert "s3cret" not in flat["sweep.storage"] and flat["sweep.storage"] == "postgresql://user:***@db:5432/rnn"
+    assert flat["tracking.uri"] == "sqlite:///m.db"

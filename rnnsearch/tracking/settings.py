@@ -11,6 +11,7 @@ the MLflow UI; a run label (``lstm-2x128-bi``) and the code version.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -74,6 +75,8 @@ def format_value(value: Any) -> str:
         text = json.dumps(value, separators=(",", ":"), default=str)
     else:
         text = str(value)
+    if "://" in text:  # a storage or tracking URL: never show its password in the UI
+        text = re.sub(r"(://[^:/@]+:)[^/@]*@", r"\1***@", text)
     return text if len(text) <= MAX_PARAM_LENGTH else text[: MAX_PARAM_LENGTH - 3] + "..."
 
 
