@@ -14,8 +14,8 @@ project's 2-core CPU under load (docs/performance.md): the whole unrolled loop
 took 279–323 s to compile cold and recompiles for every sequence length; the
 per-step ``recur`` compiles in 10–19 s but is no faster than eager (the
 compiled-call overhead is paid twice per step); chunks of 5 / 10 / 20 steps
-compile in 15–23 / 30 / 54–98 s, and from 10 steps run about as fast as the
-whole loop; a warm cache brings a chunk's compile to ~3 s.
+compile in 15–23 / 28–31 / 54–98 s and run within 10% of the whole loop; a
+warm cache brings a 10-step chunk's compile to 3–5 s.
 
 *The cache*: ``TORCHINDUCTOR_CACHE_DIR`` is set (unless the user set it) to
 ``$RNNSEARCH_CACHE/inductor`` (default ``~/.cache/rnnsearch/inductor``), so all
@@ -61,8 +61,8 @@ class Costs:
 
 
 COSTS: dict[str, Costs] = {  # rounded up (compile) and down (saving) from docs/performance.md
-    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU: 30-50 s cold, ~3 s warm
-    "cuda": Costs(cold_s=30.0, warm_s=5.0, saving_s=3e-4),  # H200: 7-16 s cold; eager 0.56 -> 0.25 ms/step
+    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU: 28-50 s cold, 3-5 s warm
+    "cuda": Costs(cold_s=30.0, warm_s=5.0, saving_s=2e-4),  # H200: 7-16 s cold; saves 0.23-0.32 ms/step
 }
 
 

@@ -170,7 +170,7 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam"
           f"{'; bf16 autocast' if amp else ''}; compiled chunk {args.chunk} steps\n")
     grid = (itertools.product(["lstm"], [128, 256], [1], [False]) if args.quick
-            else itertools.product(["lstm", "gru"], [128, 256], [1, 2], [False, True]))
+            else itertools.product(args.cells.split(","), [128, 256], [1, 2], [False, True]))
     paths = args.paths
     header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
     for p in paths[1:]:
@@ -262,6 +262,7 @@ def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[t
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="LSTM, hidden 128/256, 1 layer, unidirectional only")
+    p.add_argument("--cells", default="lstm,gru", help="cells of the full grid: lstm, gru or both")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
     p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcd in order (a is required)")
