@@ -239,8 +239,9 @@ def measure_memory(path: str, steps: int, hidden: int, device: torch.device, chu
 
 
 def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
+    how = "CUDA max_memory_allocated" if device.type == "cuda" else "growth of peak RSS, fresh process each"
     print(f"peak memory of one training step (MiB), LSTM, adding task, batch 64, on {device.type}"
-          f"{' (bf16 autocast)' if amp else ''}; {'CUDA max_memory_allocated' if device.type == 'cuda' else 'growth of peak RSS, fresh process each'}\n")
+          f"{' (bf16 autocast)' if amp else ''}; {how}\n")
     sizes = [(h, t) for h in ([128, 256] if not args.quick else [256]) for t in (100, 1000)]
     header = f"{'H':>4} {'T':>5} | " + " | ".join(f"{'(' + p + ') ' + PATHS[p]:>16}" for p in args.paths)
     print(header)
