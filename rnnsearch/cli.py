@@ -1,7 +1,8 @@
 """The command line: ``python -m rnnsearch [overrides]``.
 
-A thin ``@hydra.main`` around :func:`rnnsearch.train.train` (and, with
-``+sweep``, :func:`rnnsearch.search.run`). Hydra rejects a bare ``+sweep``
+A thin ``@hydra.main`` around :func:`rnnsearch.train.train` (with ``+sweep``,
+:func:`rnnsearch.search.run_sweep`; with ``+experiment=NAME``,
+:func:`rnnsearch.experiment.run_experiment`). Hydra rejects a bare ``+sweep``
 ("missing EQUAL"), so :func:`main` rewrites it to ``+sweep=default`` first.
 Bad input ends with one clear message on stderr and exit status 2; a diverged
 run with status 3.
@@ -51,7 +52,12 @@ def format_metrics(result: dict[str, Any]) -> str:
 
 
 def run(cfg: DictConfig) -> Optional[dict[str, Any]]:
-    """Do what the composed config asks: a sweep if it has one, else one training run."""
+    """Do what the composed config asks: an experiment, a sweep, or else one training run."""
+    if "experiment" in cfg and cfg.experiment is not None:
+        from rnnsearch.experiment import run_experiment
+
+        run_experiment(cfg)
+        return None
     if "sweep" in cfg and cfg.sweep is not None:
         from rnnsearch.search import run_sweep
 

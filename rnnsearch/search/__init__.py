@@ -17,11 +17,11 @@ from typing import Any, Optional, TextIO
 from .errors import SweepFailed
 
 
-def run_sweep(cfg: Any, stream: Optional[TextIO] = None) -> dict[str, Any]:
+def run_sweep(cfg: Any, stream: Optional[TextIO] = None, **kwargs: Any) -> dict[str, Any]:
     """Run the sweep ``cfg.sweep`` describes on the composition ``cfg``; see :func:`rnnsearch.search.run.run_sweep`."""
     from .run import run_sweep as _run_sweep
 
-    return _run_sweep(cfg, stream=stream)
+    return _run_sweep(cfg, stream=stream, **kwargs)
 
 
 __all__ = ["run_sweep", "SweepFailed"]

@@ -25,7 +25,7 @@ from rnnsearch.errors import ConfigError
 
 # Top-level config keys that are not part of what one training run is: Hydra's own
 # settings, the sweep definition (logged on the parent run) and tracking itself.
-NOT_RUN_KEYS = ("hydra", "sweep", "tracking")
+NOT_RUN_KEYS = ("hydra", "sweep", "tracking", "experiment")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value (mlflow/utils/validation.py)
 
 
@@ -41,6 +41,8 @@ class TrackingSettings:
     log_curve: bool = True
     background: bool = True
     top_trials: int = 10
+    sweep_experiment: Optional[str] = None  # null: a sweep logs to an experiment named after its study
+    sweep_tags: Optional[dict[str, str]] = None  # extra tags of a sweep's parent run (set by experiments)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -32,8 +32,13 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
     """Create or reuse the parent run of ``study_name``; returns its run id."""
     uri = settings.uri
     client = worker.client(uri)
-    eid = worker.experiment_id(uri, study_name, tags={"mlflow.note.content": f"Optuna study `{study_name}` "
-                                                      "(rnnsearch sweep): one child run per trial."})
+    if settings.sweep_experiment:
+        eid = worker.experiment_id(uri, settings.sweep_experiment, tags={
+            "mlflow.note.content": f"rnnsearch experiment `{settings.sweep_experiment}`: one parent run per arm "
+                                   "(an Optuna study), one child run per trial."})
+    else:
+        eid = worker.experiment_id(uri, study_name, tags={"mlflow.note.content": f"Optuna study `{study_name}` "
+                                                          "(rnnsearch sweep): one child run per trial."})
     found = _parents(client, eid, study_name)
     full = {k: v for k, v in to_dict(cfg).items() if k != "hydra"}
     if isinstance(full.get("sweep"), dict):  # the saved config resumes this very study
@@ -44,8 +49,8 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
         client.update_run(run.info.run_id, status="RUNNING")
         params = {k: v for k, v in params.items() if k not in run.data.params}  # params are write-once
     else:
-        run = client.create_run(eid, run_name=study_name,
-                                tags=worker.run_tags({ROLE_TAG: "sweep", STUDY_TAG: study_name}))
+        run = client.create_run(eid, run_name=study_name, tags=worker.run_tags(
+            {ROLE_TAG: "sweep", STUDY_TAG: study_name, **(settings.sweep_tags or {})}))
         found = _parents(client, eid, study_name)
         if found and found[0].info.run_id != run.info.run_id:  # lost a creation race with another worker
             client.delete_run(run.info.run_id)
