@@ -47,8 +47,12 @@ class EpochPrinter(Callback):
         self.epochs = info.get("epochs", 0)
         model = info["model"]
         path = "fused torch.nn" if getattr(model, "fused", False) else "cell-by-cell"
+        how = ""
+        if not getattr(model, "fused", False) and info.get("compile"):  # model.compile's decision, and why
+            how = f" ({'compiled' if info.get('compiled') else 'eager'}: {info['compile']})"
         print(f"task {info['task'].describe()}", file=self.stream)
-        print(f"model: {info['params']:,} parameters, {path} path, on {info['device']}", file=self.stream, flush=True)
+        print(f"model: {info['params']:,} parameters, {path} path, on {info['device']}{how}", file=self.stream,
+              flush=True)
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()

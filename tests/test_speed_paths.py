@@ -339,3 +339,18 @@ def test_training_with_compile_true_uses_the_compiled_loop(cache):
     runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
     assert runner.compiled_calls == 6 and not runner.failed  # 6 steps x one 10-step chunk (seq_len 10)
     assert compiling.is_cached(runner.signature)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["cell=ln_lstm", "model.compile=false"], "cell-by-cell path, on cpu (eager: model.compile=false)"),
+    (["cell=ln_lstm", "model.compile=auto"], "cell-by-cell path, on cpu (eager: budget of"),
+    (["cell=lstm"], "fused torch.nn path, on cpu\n"),
+])
+def test_the_epoch_printer_says_which_path_runs_and_why(overrides, expected):
+    import io
+
+    from rnnsearch.callbacks import EpochPrinter
+
+    stream = io.StringIO()
+    train(compose_config([*TINY, *overrides]), callbacks=[EpochPrinter(stream=stream)])
+    assert expected in stream.getvalue(), stream.getvalue()
