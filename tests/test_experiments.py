@@ -166,7 +166,8 @@ def _trial(arm: str, levels: dict, test: float, curve: list[float], state: str =
                  params={k: str(v) for k, v in params.items()},
                  metrics={"test/mse": test, "best/val/mse": min(curve), "solved": float(test < 0.01)},
                  tags={"metric": "val/mse", "direction": "minimize", "baseline": "0.1667", "solved_at": "0.01"},
-                 history={"val/mse": curve, "epoch_seconds": [2.0] * len(curve)})
+                 history={"val/mse": list(enumerate(curve, 1)), "epoch_seconds": [(e, 2.0) for e in
+                                                                                   range(1, len(curve) + 1)]})
 
 
 def test_time_to_solve_and_the_arm_table():
@@ -176,9 +177,15 @@ def test_time_to_solve_and_the_arm_table():
     d = _trial("rnn", {"cell": "rnn"}, math.nan, [0.2], state="PRUNED")
     assert a.time_to_solve() == (3, 6.0) and b.time_to_solve() == (2, 4.0) and c.time_to_solve() is None
     header, rows = arm_table([a, b, c, d], ["cell"])
-    assert header[:4] == ["cell", "trials", "solved", "median test"]
-    assert rows[0] == ["gru", "2/2", "2/2", "0.0025 mse", "0.001", "0.1667", "2.5", "5"]
-    assert rows[1][:3] == ["rnn", "1/2", "0/1"] and rows[1][-2:] == ["–", "–"]
+    assert header[:4] == ["cell", "trials", "solved (test)", "median test"]
+    assert rows[0] == ["gru", "2/2", "2/2", "0.0025 mse", "0.001", "0.1667", "2.5 (2)", "5 (2)"]
+    assert rows[1][:3] == ["rnn", "1/2", "0/2"] and rows[1][-2:] == ["–", "–"]  # the diverged trial is not solved
+
+
+def test_time_to_solve_reads_the_logged_epochs_not_list_positions():
+    t = _trial("gru", {"cell": "gru"}, 0.001, [0.2])
+    t.history = {"val/mse": [(1, 0.2), (3, 0.005)], "epoch_seconds": [(1, 2.0), (2, 2.5), (3, 3.0), (4, 9.0)]}
+    assert t.time_to_solve() == (3, 7.5)
 
 
 def test_variant_table_tests_each_level_against_the_reference():
@@ -188,6 +195,28 @@ def test_variant_table_tests_each_level_against_the_reference():
     _, rows = variant_table(trials, "variant", "vanilla", ["task"])
     verdict = {r[1]: r[-1] for r in rows}
     assert verdict == {"vanilla": "reference", "NFG": "worse", "NP": "n.s."}
+    raw, holm = {r[1]: r[-3] for r in rows}, {r[1]: r[-2] for r in rows}
+    assert float(holm["NFG"]) >= float(raw["NFG"]) and raw["vanilla"] == "–"
+
+
+def test_paired_test_matches_trial_numbers():
+    base = [0.1, 0.5, 0.9, 0.3]
+    trials = []
+    for v, shift in (("vanilla", [0, 0, 0, 0]), ("NP", [0.010, 0.012, 0.011, 0.009])):
+        for n, (x, d) in enumerate(zip(base, shift)):
+            t = _trial(v, {"variant": v}, x + d, [x + d])
+            t.tags["trial"] = str(n)
+            trials.append(t)
+    welch = {r[0]: r[-1] for r in variant_table(trials, "variant", "vanilla")[1]}
+    paired = {r[0]: r[-1] for r in variant_table(trials, "variant", "vanilla", paired=True)[1]}
+    assert welch["NP"] == "n.s." and paired["NP"] == "worse"  # a small, consistent difference per draw
+
+
+def test_holm_correction():
+    from rnnsearch.experiment.results import holm_correct
+
+    assert holm_correct({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "b": 0.06, "c": 0.06})
+    assert holm_correct({"a": 0.6, "b": 0.9}) == {"a": 1.0, "b": 1.0}
 
 
 def test_importances_find_the_param_that_matters():

@@ -168,6 +168,35 @@ def test_grid_sampler_stops_when_the_grid_is_exhausted(tmp_path: Path) -> None:
         ("gru", 4), ("gru", 8), ("rnn", 4), ("rnn", 8)]
 
 
+def test_grid_points_run_once_each_with_parallel_workers_and_on_resume(tmp_path: Path) -> None:
+    # GridSampler gives trial n the n-th point of its seeded shuffle of the grid: with a different seed per
+    # worker (as the other samplers get), two workers starting together ran one point twice.
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=3", "sweep.sampler=grid", "sweep.enqueue=[]", "sweep.pruner=none",
+                    "sweep.workers=2")
+    cfg.sweep.params = {"seed": "range(0, 4)"}
+    sweep(cfg)
+    first = [t.params["seed"] for t in load(tmp_path).trials]
+    assert len(first) == 3 and len(set(first)) == 3, first
+    cfg.sweep.n_trials = 10  # resuming runs the one missing point, then the grid is exhausted
+    sweep(cfg)
+    study = load(tmp_path)
+    assert sorted(t.params["seed"] for t in study.trials) == [0, 1, 2, 3]
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_random_search_draws_depend_on_the_trial_number_not_on_the_workers(tmp_path: Path) -> None:
+    params = {"model": {"hidden_size": "range(4, 64)"}, "optim": {"lr": "tag(log, interval(1e-4, 1e-1))"}}
+    drawn = []
+    for name, workers in (("a", 2), ("b", 1)):
+        cfg = sweep_cfg(tmp_path, "sweep.n_trials=3", "sweep.sampler=random", "sweep.enqueue=[]", "sweep.pruner=none",
+                        f"sweep.workers={workers}", f"sweep.study_name={name}", f"sweep.storage={tmp_path}/{name}.journal")
+        cfg.sweep.params = params
+        sweep(cfg)
+        drawn.append({t.number: t.params for t in load(tmp_path, name).trials})
+    assert drawn[0] == drawn[1]  # the same draw for trial n, with 2 workers or 1: paired across studies
+    assert len({p["optim.lr"] for p in drawn[0].values()}) == 3
+
+
 def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
     from rnnsearch.errors import ConfigError
 

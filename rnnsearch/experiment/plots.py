@@ -5,7 +5,7 @@
 * :func:`length_plot` — test metric against sequence length, one line per cell (median, seeds as dots).
 * :func:`importance_plot` — fANOVA and PED-ANOVA importances side by side, one panel per task.
 
-Each returns the path it wrote (PNG). Threshold and baseline are dashed/dotted lines.
+Each returns the path it wrote (PNG), or None when there is nothing to draw. Threshold and baseline are dashed/dotted lines.
 """
 
 from __future__ import annotations
@@ -45,15 +45,18 @@ def _log_scale(trials: Sequence[Trial]) -> bool:
     return trials[0].metric in ("mse", "loss", "ce")
 
 
-def box_plot(trials: Sequence[Trial], factor: str, panel: str, path: Path, title: str = "") -> Path:
+def box_plot(trials: Sequence[Trial], factor: str, panel: str, path: Path, title: str = "") -> Optional[Path]:
     """Box plot of the test metric per level of ``factor``; one panel per level of ``panel``."""
     plt = _plt()
     panels = _panels([t for t in trials if t.state == "COMPLETE" and t.test is not None], panel)
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (name, group) in zip(axes[0], panels.items()):
         levels = list(dict.fromkeys(t.levels.get(factor, "") for t in group))
         data = [[t.test for t in group if t.levels.get(factor) == lv] for lv in levels]
-        ax.boxplot(data, tick_labels=levels, showmeans=True)
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(levels) + 1), levels)
         for i, values in enumerate(data, 1):
             ax.scatter([i] * len(values), values, s=10, alpha=0.5, color="tab:blue")
         _reference_lines(ax, group[0])
@@ -68,18 +71,20 @@ def box_plot(trials: Sequence[Trial], factor: str, panel: str, path: Path, title
     return path
 
 
-def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path, title: str = "") -> Path:
+def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path, title: str = "") -> Optional[Path]:
     """Validation metric per epoch; one colour per level of ``arm_factor``, one panel per level of ``panel``."""
     plt = _plt()
-    panels = _panels([t for t in trials if t.history.get(f"val/{t.metric}")], panel)
+    panels = _panels([t for t in trials if t.curve()], panel)
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (name, group) in zip(axes[0], panels.items()):
         levels = list(dict.fromkeys(t.levels.get(arm_factor, "") for t in group))
         for i, lv in enumerate(levels):
             for j, t in enumerate(t for t in group if t.levels.get(arm_factor) == lv):
-                curve = t.history[f"val/{t.metric}"]
-                ax.plot(range(1, len(curve) + 1), curve, color=colours[i % len(colours)], alpha=0.7,
+                epochs, values = zip(*t.curve())
+                ax.plot(epochs, values, color=colours[i % len(colours)], alpha=0.7,
                         linewidth=1.2, label=lv if j == 0 else None)
         _reference_lines(ax, group[0])
         if _log_scale(group):
@@ -96,10 +101,12 @@ def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path
     return path
 
 
-def length_plot(trials: Sequence[Trial], line_factor: str, x_key: str, path: Path, title: str = "") -> Path:
+def length_plot(trials: Sequence[Trial], line_factor: str, x_key: str, path: Path, title: str = "") -> Optional[Path]:
     """Test metric against the config value ``x_key`` (e.g. ``task.seq_len``); one line per ``line_factor`` level."""
     plt = _plt()
     done = [t for t in trials if t.state == "COMPLETE" and t.test is not None]
+    if not done:
+        return None
     fig, ax = plt.subplots(figsize=(6, 4.2))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, lv in enumerate(dict.fromkeys(t.levels.get(line_factor, "") for t in done)):

@@ -34,7 +34,7 @@ class Trial:
     params: dict[str, str]
     metrics: dict[str, float]
     tags: dict[str, str]
-    history: dict[str, list[float]] = field(default_factory=dict)
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> [(epoch, value)]
 
     @property
     def metric(self) -> str:
@@ -64,15 +64,20 @@ class Trial:
     def beats(self, value: float, threshold: float) -> bool:
         return value < threshold if self.minimize else value > threshold
 
+    def curve(self, key: Optional[str] = None) -> list[tuple[int, float]]:
+        """``[(epoch, value)]`` of a per-epoch metric (default ``val/<metric>``)."""
+        return self.history.get(key or f"val/{self.metric}", [])
+
     def time_to_solve(self) -> Optional[tuple[int, float]]:
-        """(epochs, training seconds) until the validation metric first passed the task's threshold; None: never."""
-        curve = self.history.get(f"val/{self.metric}", [])
-        seconds = self.history.get("epoch_seconds", [])
+        """(epoch, seconds) when the validation metric first passed the task's threshold; None: never.
+
+        The seconds are the epochs' wall time up to and including that epoch (training and validation).
+        """
         if self.solved_at is None:
             return None
-        for i, v in enumerate(curve):
+        for epoch, v in self.curve():
             if self.beats(v, self.solved_at):
-                return i + 1, float(sum(seconds[: i + 1]))
+                return epoch, float(sum(s for e, s in self.curve("epoch_seconds") if e <= epoch))
         return None
 
     def lookup(self, key: str) -> Any:
@@ -82,8 +87,11 @@ class Trial:
             head = ".".join(parts[:cut])
             if head in self.params:
                 value = _parse(self.params[head])
-                for seg in parts[cut:]:
-                    value = value[int(seg)] if isinstance(value, list) else value[seg]
+                try:
+                    for seg in parts[cut:]:
+                        value = value[int(seg)] if isinstance(value, list) else value[seg]
+                except (KeyError, IndexError, TypeError, ValueError):
+                    continue  # e.g. the short choice param "cell" above the dotted "cell.name"
                 return value
         raise KeyError(key)
 
@@ -121,7 +129,7 @@ def load(uri: str, experiment: str, histories: bool = True) -> list[Trial]:
         if histories:
             for key in (f"val/{t.metric}", "epoch_seconds"):
                 hist = sorted(client.get_metric_history(r.info.run_id, key), key=lambda m: m.step)
-                t.history[key] = [m.value for m in hist]
+                t.history[key] = [(int(m.step), float(m.value)) for m in hist]
         trials.append(t)
     trials.sort(key=lambda t: (t.study, int(t.tags.get("trial", 0))))
     return trials
@@ -180,27 +188,30 @@ def _median(values: Sequence[float]) -> Optional[float]:
 
 
 def arm_table(trials: Sequence[Trial], factors: Sequence[str]) -> tuple[list[str], list[list[str]]]:
-    """Per arm (in the trials' order): complete trials, solved share, median and best test metric, time to solve.
+    """Per arm (in the trials' order): trials, how many solved, test metric, time to solve.
 
-    Time to solve is the median over the trials that solved the task (epochs, and training seconds summed
-    over those epochs) of the first epoch whose validation metric passed the task's threshold.
+    ``trials`` counts complete / all finished trials (a pruned trial diverged, or was rejected before
+    training: it counts as not solved). ``solved`` is judged on the test split (the best-validation
+    weights). Time to solve is the median, over the trials whose validation metric passed the threshold
+    (how many in brackets), of the first such epoch and of the wall seconds of the epochs up to it.
     """
-    header = [*factors, "trials", "solved", "median test", "best test", "baseline", "epochs to solve",
+    header = [*factors, "trials", "solved (test)", "median test", "best test", "baseline", "epochs to solve (val)",
               "seconds to solve"]
     rows = []
     for arm, group in _by_arm(trials).items():
         done = [t for t in group if t.state == "COMPLETE"]
+        ended = [t for t in group if t.state in ("COMPLETE", "PRUNED")]
         tests = [t.test for t in done if t.test is not None]
         first = group[0]
         best = (min(tests) if first.minimize else max(tests)) if tests else None
-        solves = [t.time_to_solve() for t in done]
-        hits = [s for s in solves if s is not None]
+        hits = [s for s in (t.time_to_solve() for t in done) if s is not None]
         solved = sum(bool(t.metrics.get("solved")) for t in done)
-        rows.append([*(first.levels.get(f, "") for f in factors), f"{len(done)}/{len(group)}",
-                     f"{solved}/{len(done)}" if first.solved_at is not None else "–",
+        n = f" ({len(hits)})" if hits else ""
+        rows.append([*(first.levels.get(f, "") for f in factors), f"{len(done)}/{len(ended)}",
+                     f"{solved}/{len(ended)}" if first.solved_at is not None else "–",
                      f"{_fmt(_median(tests))} {first.metric}" if tests else "–", _fmt(best),
-                     _fmt(first.baseline), _fmt(_median([float(e) for e, _ in hits]), 3),
-                     _fmt(_median([s for _, s in hits]), 3)])
+                     _fmt(first.baseline), _fmt(_median([float(e) for e, _ in hits]), 3) + n,
+                     _fmt(_median([s for _, s in hits]), 3) + n])
     return header, rows
 
 
@@ -211,42 +222,74 @@ def _by_arm(trials: Sequence[Trial]) -> dict[str, list[Trial]]:
     return groups
 
 
-def variant_table(trials: Sequence[Trial], factor: str, reference: str,
-                  group_by: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
+def variant_table(trials: Sequence[Trial], factor: str, reference: str, group_by: Sequence[str] = (),
+                  paired: bool = False) -> tuple[list[str], list[list[str]]]:
     """Per level of ``factor`` (within each ``group_by`` combination): test-metric summary vs ``reference``.
 
-    The test is Welch's t-test on the test metric of all complete trials, two-sided;
-    "worse"/"better" at p < 0.05, else "n.s.".
+    A two-sided t-test on the test metric of the complete trials: Welch's, or with ``paired`` the paired
+    t-test over the trial numbers both levels completed (their studies drew the same hyperparameters for
+    the same trial number). The p-values of one group are Holm-corrected for the number of levels
+    compared; the verdict ("worse"/"better" at corrected p < 0.05, else "n.s.") uses the corrected value.
+    ``pruned`` counts trials that diverged or were rejected.
     """
     from scipy import stats
 
-    header = [*group_by, factor, "trials", "median test", "mean test", "best test", "p vs " + reference, "verdict"]
+    header = [*group_by, factor, "trials", "pruned", "median test", "mean test", "best test", "p vs " + reference,
+              "Holm p", "verdict"]
     rows = []
     cells: dict[tuple[str, ...], dict[str, list[Trial]]] = {}
     for t in trials:
-        if t.state != "COMPLETE" or t.test is None:
+        if t.state not in ("COMPLETE", "PRUNED"):
             continue
         key = tuple(t.levels.get(g, "") for g in group_by)
         cells.setdefault(key, {}).setdefault(t.levels.get(factor, ""), []).append(t)
     for key, levels in cells.items():
-        ref = [t.test for t in levels.get(reference, [])]
+        ref = [t.test for t in levels.get(reference, []) if t.state == "COMPLETE" and t.test is not None]
+        raw: dict[str, float] = {}
         for level, group in levels.items():
-            values = [t.test for t in group]
+            values = [t.test for t in group if t.state == "COMPLETE" and t.test is not None]
+            if level == reference:
+                continue
+            if paired:
+                mine, theirs = _by_number(group), _by_number(levels.get(reference, []))
+                both = sorted(set(mine) & set(theirs))
+                if len(both) > 1:
+                    p = float(stats.ttest_rel([mine[n] for n in both], [theirs[n] for n in both]).pvalue)
+                    raw[level] = p if math.isfinite(p) else 1.0
+            elif len(values) > 1 and len(ref) > 1:
+                p = float(stats.ttest_ind(values, ref, equal_var=False).pvalue)
+                raw[level] = p if math.isfinite(p) else 1.0
+        holm = holm_correct(raw)
+        for level, group in levels.items():
+            values = [t.test for t in group if t.state == "COMPLETE" and t.test is not None]
+            pruned = sum(t.state == "PRUNED" for t in group)
+            if not values:
+                rows.append([*key, level, "0", str(pruned), "–", "–", "–", "–", "–", "–"])
+                continue
             minimize = group[0].minimize
             best = min(values) if minimize else max(values)
-            p, verdict = None, ""
-            if level != reference and len(values) > 1 and len(ref) > 1:
-                p = float(stats.ttest_ind(values, ref, equal_var=False).pvalue)
-                if math.isfinite(p) and p < 0.05:
-                    worse = statistics.mean(values) > statistics.mean(ref) if minimize else \
-                        statistics.mean(values) < statistics.mean(ref)
-                    verdict = "worse" if worse else "better"
-                else:
-                    verdict = "n.s."
-            rows.append([*key, level, str(len(values)), _fmt(_median(values)), _fmt(statistics.mean(values)),
-                         _fmt(best), _fmt(p, 2) if p is not None else "–", verdict or ("reference" if
-                                                                                      level == reference else "–")])
+            verdict = "reference" if level == reference else "–"
+            if level in holm:
+                worse = (statistics.mean(values) > statistics.mean(ref)) == minimize
+                verdict = ("worse" if worse else "better") if holm[level] < 0.05 else "n.s."
+            rows.append([*key, level, str(len(values)), str(pruned), _fmt(_median(values)),
+                         _fmt(statistics.mean(values)), _fmt(best), _fmt(raw.get(level), 2),
+                         _fmt(holm.get(level), 2), verdict])
     return header, rows
+
+
+def _by_number(group: Sequence[Trial]) -> dict[int, float]:
+    return {int(t.tags.get("trial", -1)): t.test for t in group if t.state == "COMPLETE" and t.test is not None}
+
+
+def holm_correct(pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm–Bonferroni adjusted p-values (monotone, capped at 1)."""
+    order = sorted(pvalues, key=pvalues.get)
+    out, running = {}, 0.0
+    for i, name in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * pvalues[name]))
+        out[name] = running
+    return out
 
 
 def importances(trials: Sequence[Trial], space: Mapping[str, str], factor: Optional[str] = None,
@@ -271,7 +314,10 @@ def importances(trials: Sequence[Trial], space: Mapping[str, str], factor: Optio
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = optuna.create_study(direction="minimize" if done[0].minimize else "maximize")
     for t in done:
-        params = {k: (t.levels.get(factor, "") if k == factor else _cast(t.lookup(k), dists[k])) for k in dists}
+        try:
+            params = {k: (t.levels.get(factor, "") if k == factor else _cast(t.lookup(k), dists[k])) for k in dists}
+        except (KeyError, TypeError, ValueError):  # a conditional param this trial did not have
+            continue
         study.add_trial(optuna.trial.create_trial(params=params, distributions=dists,
                                                   value=t.value(f"best/val/{t.metric}")))
     out = {}

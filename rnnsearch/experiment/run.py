@@ -61,11 +61,65 @@ def arm_config(container: dict[str, Any], settings: ExperimentSettings, arm: Arm
     return cfg
 
 
+#: Command-line keys that change how an experiment runs, not what its trials compute.
+NEUTRAL_KEYS = ("sweep.workers", "sweep.n_trials", "sweep.progress", "sweep.storage", "sweep.top", "tracking",
+                "device", "hydra")
+
+
+def _key(override: str) -> str:
+    return override.lstrip("+~").split("=", 1)[0]
+
+
+def _override_notes(cli: list[str], settings: ExperimentSettings) -> list[str]:
+    """Warnings for command-line keys that cancel a factor's levels or change what the trials compute."""
+    notes = []
+    factor_keys: dict[str, str] = {}
+    for factor, levels in settings.factors.items():
+        for overrides in levels.values():
+            for k in _flat_keys(overrides):
+                factor_keys.setdefault(k, factor)
+    for o in cli:
+        k = _key(o)
+        hit = next((f for fk, f in factor_keys.items() if fk == k or fk.startswith(k + ".") or k.startswith(fk + ".")),
+                   None)
+        if hit:
+            notes.append(f"your {o} overrides what factor {hit!r} sets per arm: every arm uses your value, so "
+                         f"the arms no longer differ in {hit}.")
+        elif not k.startswith(NEUTRAL_KEYS):
+            notes.append(f"your {o} changes the trials of {settings.mlflow_experiment}: they resume (and are "
+                         f"reported with) any earlier trials of its studies in {settings.name}-{settings.setting}"
+                         f".journal and MLflow; run in another folder to keep them apart.")
+    return notes
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix]
+    return [k for key, v in tree.items() for k in _flat_keys(v, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
+
+
+def _check_tasks(container: dict[str, Any], arms: list[Arm]) -> None:
+    """Every arm's task can run here (e.g. chorales needs music21): fail before the first trial, not per trial."""
+    from rnnsearch.tasks import TASKS
+
+    base = ((container.get("sweep") or {}).get("overrides") or {}).get("task", {}).get("name") \
+        or (container.get("task") or {}).get("name")
+    for arm in arms:
+        name = (arm.overrides.get("task") or {}).get("name") or base
+        if name:
+            try:
+                TASKS.get(name).check_available()
+            except ConfigError as exc:
+                raise ConfigError(f"arm {arm.name}: {exc} Or leave its arms out, e.g. experiment.only=[...].") \
+                    from None
+
+
 def run_experiment(cfg: Any, stream: Optional[TextIO] = None) -> list[dict[str, Any]]:
     """Run the arms of ``cfg.experiment`` one after another; returns each arm's sweep summary.
 
     Raises:
-        ConfigError: a bad experiment or sweep setting, before the first trial.
+        ConfigError: a bad experiment setting, or an arm whose task cannot run here, before the first trial;
+            a bad sweep setting before that arm's first trial (arms that ran keep their trials).
         SweepFailed: after all arms ran, when some arm's sweep stopped on repeated failures.
     """
     from rnnsearch.search.run import run_sweep
@@ -80,9 +134,12 @@ def run_experiment(cfg: Any, stream: Optional[TextIO] = None) -> list[dict[str, 
                           "sweep, so its config needs `sweep:` (sampler, params, n_trials).")
     arms = settings.arms()
     cli = _cli_overrides()
+    _check_tasks(container, arms)
     print(f"experiment {settings.name} ({settings.setting}): {len(arms)} arm(s), one study each; "
           f"MLflow experiment {settings.mlflow_experiment}", file=out)
     print("  arms: " + ", ".join(a.name for a in arms), file=out, flush=True)
+    for note in _override_notes(cli, settings):
+        print(f"note: {note}", file=out, flush=True)
     summaries: list[dict[str, Any]] = []
     failed: list[str] = []
     t0 = time.monotonic()

@@ -95,7 +95,8 @@ class ExperimentSettings:
         return arms
 
     def arms(self) -> list[Arm]:
-        """The arms to run: all, or those ``only`` names (an arm name, or a level every chosen arm has)."""
+        """The arms to run: all, or those ``only`` selects; an entry is an arm name or a level, and an arm runs
+        when any entry names it or one of its levels (``only=[digits, NFG]``: every digits arm and every NFG arm)."""
         arms = self.all_arms()
         if self.only is None:
             return arms

@@ -28,8 +28,7 @@ from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
 from .space import LAYER_TEMPLATE, Param, describe, flatten, parse_space
-from .study import (grid_space, make_storage, objectives_and_directions, open_study, space_fingerprint,
-                    storage_spec)
+from .study import (make_storage, objectives_and_directions, open_study, space_fingerprint, storage_spec)
 from .workers import WorkerJob, cpu_count, recover_orphans, resolve_workers, run_workers
 
 
@@ -77,30 +76,6 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
             continue
         result.append(flat)
     return result
-
-
-def _enqueue_grid(study: Any, grid: Mapping[str, list[Any]], n_trials: int) -> None:
-    """Queue the grid's points in order, up to ``n_trials`` in all.
-
-    Optuna's GridSampler picks an unvisited point at random when a trial starts,
-    so two workers starting together can pick the same point (and a small grid
-    then misses one). Queued trials are handed out once each, so every point
-    runs exactly once, in the order written (e.g. ``seed`` 0, 1, 2, ...).
-    """
-    import itertools
-
-    import optuna
-
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING,
-            optuna.trial.TrialState.WAITING)
-    taken = sum(t.state in live for t in study.get_trials(deepcopy=False))
-    keys = list(grid)
-    for values in itertools.product(*(grid[k] for k in keys)):
-        if taken >= n_trials:
-            return
-        before = len(study.get_trials(deepcopy=False))
-        study.enqueue_trial(dict(zip(keys, values)), skip_if_exists=True)
-        taken += len(study.get_trials(deepcopy=False)) - before
 
 
 def _check_compatible(study: Any, space: list[Param], study_name: str) -> None:
@@ -245,8 +220,6 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     max_layers = _max_layers(space, int(first.cfg.get("model", {}).get("num_layers", 1)))
     for params in _check_enqueue(settings.enqueue, space, max_layers, out):
         study.enqueue_trial(params, skip_if_exists=True)
-    if settings.sampler == "grid":
-        _enqueue_grid(study, grid_space(space, max_layers), settings.n_trials)
 
     trials = study.get_trials(deepcopy=False)
     waiting = [t.number for t in trials if t.state == optuna.trial.TrialState.WAITING]

@@ -106,7 +106,7 @@ def make_sampler(settings: SweepSettings, space: Sequence[Param], seed: int, n_t
                 opts.setdefault("multivariate", bool(opts["group"]) or None)
                 return s.TPESampler(seed=seed, **opts)
             if name == "random":
-                return s.RandomSampler(seed=seed, **opts)
+                return TrialSeededRandomSampler(seed=seed, **opts)
             if name == "gp":
                 opts.setdefault("warn_independent_sampling", False)
                 return s.GPSampler(seed=seed, **opts)
@@ -125,6 +125,27 @@ def make_sampler(settings: SweepSettings, space: Sequence[Param], seed: int, n_t
         except TypeError as exc:
             raise ConfigError(f"sweep.sampler_options for sampler {name!r}: {exc}.") from None
     raise ConfigError(f"Unknown sampler {name!r}.")  # unreachable: settings are checked
+
+
+class TrialSeededRandomSampler(optuna.samplers.RandomSampler):
+    """Random search whose draws depend only on the seed and the trial number.
+
+    Optuna's RandomSampler draws from one stream per sampler object, so with
+    several workers which trial gets which draw depends on timing. Reseeding
+    from ``(seed, trial.number)`` when each trial starts makes a random search
+    reproducible with any number of workers or resumes, and gives trial *n* the
+    same draw in every study with the same seed and search space (experiments
+    use that to compare variants on identical hyperparameters).
+    """
+
+    def __init__(self, seed: Optional[int] = None) -> None:
+        super().__init__(seed=seed)
+        self._base_seed = seed
+
+    def before_trial(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self._base_seed is not None:
+            self._rng.rng.seed([self._base_seed % 2**32, trial.number])
+        super().before_trial(study, trial)
 
 
 def grid_space(space: Sequence[Param], max_layers: int) -> dict[str, list[Any]]:

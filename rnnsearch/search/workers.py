@@ -128,6 +128,11 @@ def work(job: WorkerJob, index: int) -> Optional[str]:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     storage = make_storage(job.storage, job.settings)
     seed = job.settings.seed + 1009 * index + job.start_number
+    if job.settings.sampler in ("grid", "random"):
+        # GridSampler gives trial n the n-th point of its grid, shuffled by the seed: every worker, and every
+        # resumed run, must shuffle alike, or two workers run one point twice and another never. The random
+        # sampler reseeds per trial number (TrialSeededRandomSampler): one seed makes its draws worker-free.
+        seed = job.settings.seed
     study = optuna.load_study(study_name=job.study_name, storage=storage,
                               sampler=make_sampler(job.settings, job.objective.space, seed, job.n_trials,
                                                    job.max_layers),

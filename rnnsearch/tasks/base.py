@@ -78,6 +78,10 @@ class Task:
     input_size: int
     output_size: int
     baseline: Optional[float] = None
+
+    @classmethod
+    def check_available(cls) -> None:
+        """Raise a ConfigError naming the fix when the task cannot run here (a missing optional package)."""
     solved: Optional[float] = None
 
     def __init__(self, seed: int = 0, train_size: int = 10000, val_size: int = 1000, test_size: int = 1000) -> None:

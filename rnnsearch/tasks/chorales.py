@@ -180,6 +180,10 @@ class ChoralesTask(Task):
     metric = "nll"
     direction = "minimize"
 
+    @classmethod
+    def check_available(cls) -> None:
+        require_music21()
+
     def __init__(self, max_chorales: Optional[int] = None, val_fraction: float = 0.2, test_fraction: float = 0.2,
                  cache_dir: Optional[str] = None, prior_offset: bool = True, seed: int = 0) -> None:
         if max_chorales is not None:
