@@ -84,7 +84,8 @@ def test_two_trial_smoke_run_and_report(name, tmp_path):
     if name != "lstm_odyssey":  # seeds are the grid: the two trials ran seed 0 and seed 1, not one seed twice
         import mlflow
 
-        runs = mlflow.search_runs(experiment_names=[f"{name}-small"], tracking_uri=uri)
+        mlflow.set_tracking_uri(uri)
+        runs = mlflow.search_runs(experiment_names=[f"{name}-small"])
         seeds = sorted(runs["params.seed"].dropna())
         assert seeds == ["0", "1"], seeds
 
