@@ -187,16 +187,18 @@ def _median(values: Sequence[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def arm_table(trials: Sequence[Trial], factors: Sequence[str]) -> tuple[list[str], list[list[str]]]:
+def arm_table(trials: Sequence[Trial], factors: Sequence[str],
+              extra: Sequence[str] = ()) -> tuple[list[str], list[list[str]]]:
     """Per arm (in the trials' order): trials, how many solved, test metric, time to solve.
 
     ``trials`` counts complete / all finished trials (a pruned trial diverged, or was rejected before
     training: it counts as not solved). ``solved`` is judged on the test split (the best-validation
     weights). Time to solve is the median, over the trials whose validation metric passed the threshold
     (how many in brackets), of the first such epoch and of the wall seconds of the epochs up to it.
+    ``extra`` adds the median of more test metrics (e.g. ``recall_acc``), "–" where an arm lacks one.
     """
     header = [*factors, "trials", "solved (test)", "median test", "best test", "baseline", "epochs to solve (val)",
-              "seconds to solve"]
+              "seconds to solve", *(f"median test {m}" for m in extra)]
     rows = []
     for arm, group in _by_arm(trials).items():
         done = [t for t in group if t.state == "COMPLETE"]
@@ -211,7 +213,9 @@ def arm_table(trials: Sequence[Trial], factors: Sequence[str]) -> tuple[list[str
                      f"{solved}/{len(ended)}" if first.solved_at is not None else "–",
                      f"{_fmt(_median(tests))} {first.metric}" if tests else "–", _fmt(best),
                      _fmt(first.baseline), _fmt(_median([float(e) for e, _ in hits]), 3) + n,
-                     _fmt(_median([s for _, s in hits]), 3) + n])
+                     _fmt(_median([s for _, s in hits]), 3) + n,
+                     *(_fmt(_median([t.value(f"test/{m}") for t in done if t.value(f"test/{m}") is not None]))
+                       for m in extra)])
     return header, rows
 
 
