@@ -24,7 +24,7 @@ EXPERIMENTS = sorted(p.parent.name for p in (REPO / "experiments").glob("*/confi
 #: Per experiment: one arm and the overrides that shrink it to a few seconds.
 SMOKE = {
     "long_lags": ["experiment.only=[lstm-T50]", "task.seq_len=12"],
-    "forget_bias": ["experiment.only=[copy-lstm_fb0]", "task.delay=5"],
+    "forget_bias": ["experiment.only=[copy-lstm_fb0]", "experiment.budgets.small.copy_delay=5"],
     "lstm_odyssey": ["experiment.only=[digits-NFG]", "experiment.budgets.small.digits_mode=row"],
 }
 TINY = ["sweep.n_trials=2", "sweep.workers=2", "train.epochs=1", "task.train_size=64", "task.val_size=32",
@@ -81,13 +81,13 @@ def test_two_trial_smoke_run_and_report(name, tmp_path):
     assert "| 2/2 |" in md  # both trials complete, in the arm table
     pngs = sorted(out.glob("small-*.png"))
     assert pngs and all(p.stat().st_size > 5000 for p in pngs)
-    if name != "lstm_odyssey":  # seeds are the grid: the two trials ran seed 0 and seed 1, not one seed twice
+    if name != "lstm_odyssey":  # seeds are the grid: the two trials ran two different seeds, not one seed twice
         import mlflow
 
         mlflow.set_tracking_uri(uri)
         runs = mlflow.search_runs(experiment_names=[f"{name}-small"])
         seeds = sorted(runs["params.seed"].dropna())
-        assert seeds == ["0", "1"], seeds
+        assert len(set(seeds)) == 2 and set(seeds) <= {str(i) for i in range(10)}, seeds
 
 
 def test_report_errors_name_the_valid_choices(tmp_path):
