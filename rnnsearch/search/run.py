@@ -10,6 +10,7 @@ raises :class:`~rnnsearch.search.errors.SweepFailed` after the report.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 import time
@@ -28,7 +29,8 @@ from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
 from .space import LAYER_TEMPLATE, Param, describe, flatten, parse_space
-from .study import (make_storage, objectives_and_directions, open_study, space_fingerprint, storage_spec)
+from .study import (grid_space, make_storage, objectives_and_directions, open_study, space_fingerprint,
+                    storage_spec)
 from .workers import WorkerJob, cpu_count, recover_orphans, resolve_workers, run_workers
 
 
@@ -238,10 +240,13 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
                                metric=task_cls.metric, prune=prune, max_params=settings.max_params,
                                study_name=study_name, parent_run_id=parent_run_id)
     threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
+    n_trials = settings.n_trials
+    if settings.sampler == "grid":  # past its size a grid only repeats points (GridSampler re-runs one at random)
+        n_trials = min(n_trials, math.prod(len(v) for v in grid_space(space, max_layers).values()))
     job = WorkerJob(settings=settings, storage=spec, study_name=study_name, objective=objective,
-                    n_trials=settings.n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
+                    n_trials=n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
                     threads=threads)
-    progress = SweepProgress(study_name, settings.n_trials, objectives, directions, start_number, n,
+    progress = SweepProgress(study_name, n_trials, objectives, directions, start_number, n,
                              mode=settings.progress, stream=out)
     poll_study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
     progress.start()
