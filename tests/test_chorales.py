@@ -120,3 +120,16 @@ def test_lstm_beats_the_frequency_baseline(cache_dir):
     finally:
         torch.set_num_threads(threads)
     assert r["test/nll"] < create_task(task).baseline - 0.5  # measured: 9.9 against 11.2
+
+
+def test_lstm_odyssey_chorales_arm_runs_a_two_trial_smoke_version(cache_dir, tmp_path):
+    # The experiment's chorales arms need music21, so they are smoke-tested here (the CI step with the extra);
+    # task=chorales on the command line makes the small options settable (the base task is adding otherwise).
+    from conftest import run_cli
+
+    res = run_cli(["+experiment=lstm_odyssey", "experiment.only=[chorales-CIFG]", "task=chorales",
+                   f"task.max_chorales={N}", f"task.cache_dir={cache_dir}", "sweep.n_trials=2", "sweep.workers=2",
+                   "train.epochs=1", "tracking=none", "device=cpu"], tmp_path, timeout=280)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "=== arm 1/1: chorales-CIFG ===" in res.stdout
+    assert "chorales-CIFG         2       0       0" in res.stdout  # both trials complete

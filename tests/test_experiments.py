@@ -146,6 +146,30 @@ def test_bad_setting_on_the_command_line_exits_2_naming_the_choices(tmp_path):
     assert "Unknown experiment.setting 'huge'; valid choices: full, small" in res.stderr
 
 
+def test_an_arm_whose_task_cannot_run_stops_the_experiment_before_any_trial(monkeypatch):
+    from rnnsearch.experiment.run import _check_tasks
+    from rnnsearch.tasks.chorales import ChoralesTask
+
+    def missing() -> None:
+        raise ConfigError("task=chorales needs music21 (...). Install the extra: pip install 'rnnsearch[music]'.")
+
+    monkeypatch.setattr(ChoralesTask, "check_available", classmethod(lambda cls: missing()))
+    s = ExperimentSettings.from_config({"name": "x", "budgets": {"small": {}}, "factors": {"task": {
+        "digits": {"task": {"name": "digits"}}, "chorales": {"task": {"name": "chorales"}}}}})
+    with pytest.raises(ConfigError, match=r"arm chorales: task=chorales needs music21.*experiment.only"):
+        _check_tasks({"task": {"name": "adding"}, "sweep": {}}, s.arms())
+    _check_tasks({"task": {"name": "adding"}, "sweep": {}}, s.arms()[:1])  # the digits arm alone is fine
+
+
+def test_command_line_keys_that_cancel_a_factor_or_change_the_trials_are_noted():
+    from rnnsearch.experiment.run import _override_notes
+
+    notes = _override_notes(["task.seq_len=100", "sweep.workers=2", "tracking=none", "train.epochs=3"], _settings())
+    assert len(notes) == 2
+    assert "task.seq_len=100 overrides what factor 'length' sets per arm" in notes[0]
+    assert "train.epochs=3 changes the trials of x-small" in notes[1]
+
+
 def test_arm_config_merges_levels_into_sweep_overrides_and_tags_the_parent():
     s = _settings()
     arm = s.arms()[3]
