@@ -53,3 +53,11 @@ def check_keep_prob(what: str, value: object) -> float:
     if not (0.0 < v <= 1.0):
         raise ConfigError(f"{what} must be in (0, 1] (a keep probability, 1 = no dropout), got {value!r}.")
     return v
+
+
+def check_known_keys(what: str, given: Iterable[str], valid: Iterable[str]) -> None:
+    """Reject keys of a config section that are not among ``valid`` (``what``: e.g. "sweep")."""
+    valid = list(valid)
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(f"Unknown {what} setting(s) {unknown}; valid settings: {', '.join(valid)}.")

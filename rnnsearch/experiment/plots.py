@@ -34,6 +34,21 @@ def _reference_lines(ax: Any, t: Trial) -> None:
         ax.axhline(t.solved_at, color="green", linestyle="--", linewidth=1, label=f"solved {t.solved_at:.3g}")
 
 
+def _figure(n_panels: int, height: float = 4.0) -> tuple[Any, Any]:
+    """A row of ``n_panels`` axes (``axes[i]``)."""
+    fig, axes = _plt().subplots(1, n_panels, figsize=(5.5 * n_panels, height), squeeze=False)
+    return fig, axes[0]
+
+
+def _save(fig: Any, path: Path, title: str = "") -> Path:
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _panels(trials: Sequence[Trial], by: str) -> dict[str, list[Trial]]:
     out: dict[str, list[Trial]] = {}
     for t in trials:
@@ -47,12 +62,11 @@ def _log_scale(trials: Sequence[Trial]) -> bool:
 
 def box_plot(trials: Sequence[Trial], factor: str, panel: str, path: Path, title: str = "") -> Optional[Path]:
     """Box plot of the test metric per level of ``factor``; one panel per level of ``panel``."""
-    plt = _plt()
     panels = _panels([t for t in trials if t.state == "COMPLETE" and t.test is not None], panel)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
-    for ax, (name, group) in zip(axes[0], panels.items()):
+    fig, axes = _figure(len(panels))
+    for ax, (name, group) in zip(axes, panels.items()):
         levels = list(dict.fromkeys(t.levels.get(factor, "") for t in group))
         data = [[t.test for t in group if t.levels.get(factor) == lv] for lv in levels]
         ax.boxplot(data, showmeans=True)
@@ -63,12 +77,7 @@ def box_plot(trials: Sequence[Trial], factor: str, panel: str, path: Path, title
         ax.set_title(f"{name}: test {group[0].metric} per trial")
         ax.tick_params(axis="x", rotation=45)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path, title: str = "") -> Optional[Path]:
@@ -77,9 +86,9 @@ def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path
     panels = _panels([t for t in trials if t.curve()], panel)
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    fig, axes = _figure(len(panels))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, (name, group) in zip(axes[0], panels.items()):
+    for ax, (name, group) in zip(axes, panels.items()):
         levels = list(dict.fromkeys(t.levels.get(arm_factor, "") for t in group))
         for i, lv in enumerate(levels):
             for j, t in enumerate(t for t in group if t.levels.get(arm_factor) == lv):
@@ -93,12 +102,7 @@ def curves_plot(trials: Sequence[Trial], arm_factor: str, panel: str, path: Path
         ax.set_ylabel(f"val {group[0].metric}")
         ax.set_title(f"{name}: one line per seed")
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def length_plot(trials: Sequence[Trial], line_factor: str, x_key: str, path: Path, title: str = "") -> Optional[Path]:
@@ -128,10 +132,7 @@ def length_plot(trials: Sequence[Trial], line_factor: str, x_key: str, path: Pat
     ax.set_xlabel(x_key)
     ax.legend(fontsize=7)
     ax.set_title(title or f"test metric against {x_key}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def importance_plot(importances: Mapping[str, Mapping[str, Mapping[str, float]]], path: Path,
@@ -140,9 +141,8 @@ def importance_plot(importances: Mapping[str, Mapping[str, Mapping[str, float]]]
     panels = {k: v for k, v in importances.items() if v}
     if not panels:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), squeeze=False)
-    for ax, (name, by_eval) in zip(axes[0], panels.items()):
+    fig, axes = _figure(len(panels), 3.8)
+    for ax, (name, by_eval) in zip(axes, panels.items()):
         params = list(dict.fromkeys(p for imp in by_eval.values() for p in imp))
         width = 0.8 / max(len(by_eval), 1)
         for j, (ev, imp) in enumerate(by_eval.items()):
@@ -153,9 +153,4 @@ def importance_plot(importances: Mapping[str, Mapping[str, Mapping[str, float]]]
         ax.set_xlabel("importance (share)")
         ax.set_title(name)
         ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)

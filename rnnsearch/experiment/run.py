@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from rnnsearch.errors import ConfigError
 from rnnsearch.search.errors import SweepFailed
+from rnnsearch.search.space import flatten
 
 from .settings import Arm, ExperimentSettings, deep_merge
 
@@ -76,7 +77,7 @@ def _override_notes(cli: list[str], settings: ExperimentSettings) -> list[str]:
     factor_keys: dict[str, str] = {}
     for factor, levels in settings.factors.items():
         for overrides in levels.values():
-            for k in _flat_keys(overrides):
+            for k, _ in flatten(overrides):
                 factor_keys.setdefault(k, factor)
     for o in cli:
         k = _key(o)
@@ -90,12 +91,6 @@ def _override_notes(cli: list[str], settings: ExperimentSettings) -> list[str]:
                          f"reported with) any earlier trials of its studies in {settings.name}-{settings.setting}"
                          f".journal and MLflow; run in another folder to keep them apart.")
     return notes
-
-
-def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
-    if not isinstance(tree, dict):
-        return [prefix]
-    return [k for key, v in tree.items() for k in _flat_keys(v, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")]
 
 
 def _check_tasks(container: dict[str, Any], arms: list[Arm]) -> None:

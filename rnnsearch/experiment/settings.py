@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-from rnnsearch.errors import ConfigError, choice_error
+from rnnsearch.errors import ConfigError, check_known_keys, choice_error
 
 _NAME = re.compile(r"^[A-Za-z0-9_.]+$")
 
@@ -42,10 +42,7 @@ class ExperimentSettings:
         if OmegaConf.is_config(section):
             section = OmegaConf.to_container(section, resolve=False)
         section = dict(section or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(section) - set(names))
-        if unknown:
-            raise ConfigError(f"Unknown experiment setting(s) {unknown}; valid settings: {', '.join(names)}.")
+        check_known_keys("experiment", section, (f.name for f in fields(cls)))
         if isinstance(section.get("only"), str):
             section["only"] = [section["only"]]
         s = cls(**{k: v for k, v in section.items() if v is not None or k == "only"})

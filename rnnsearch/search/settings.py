@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
-from rnnsearch.errors import ConfigError, check_positive_int, choice_error
+from rnnsearch.errors import ConfigError, check_known_keys, check_positive_int, choice_error
 
 SAMPLERS = ("tpe", "random", "gp", "cmaes", "grid", "nsga2")
 PRUNERS = ("median", "hyperband", "successive_halving", "none")
@@ -51,10 +51,7 @@ class SweepSettings:
         if OmegaConf.is_config(sweep):
             sweep = OmegaConf.to_container(sweep, resolve=True)
         sweep = dict(sweep or {})
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(sweep) - set(names))
-        if unknown:
-            raise ConfigError(f"Unknown sweep setting(s) {unknown}; valid settings: {', '.join(names)}.")
+        check_known_keys("sweep", sweep, (f.name for f in fields(cls)))
         for name in ("sampler_options", "pruner_options", "overrides", "params"):
             if sweep.get(name, {}) is None:
                 sweep[name] = {}
