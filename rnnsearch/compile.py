@@ -49,6 +49,7 @@ COMPILE_MODES = ("auto", "true", "false")
 CHUNK = 10  # time steps per compiled call
 MARGIN = 1.5  # auto compiles only when the expected saving exceeds MARGIN × the expected compile time
 CACHE_ENV = "RNNSEARCH_CACHE"
+GRAPH_VERSION = 2  # bumped when what run_steps compiles changes (2: batched recurrent weight gradient)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
 def cell_signature(cell: RNNCell, batch: int, dtype: torch.dtype, amp: Optional[torch.dtype], device_type: str,
                    masked: bool, chunk: int = CHUNK) -> str:
     """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call."""
-    text = "|".join(map(str, (torch.__version__, type(cell).__module__, type(cell).__qualname__, repr(cell),
+    text = "|".join(map(str, (torch.__version__, GRAPH_VERSION, type(cell).__module__, type(cell).__qualname__, repr(cell),
                               batch, dtype, amp, device_type, masked, chunk, cell.training)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -229,10 +230,11 @@ class ChunkRunner:
     def __deepcopy__(self, memo: dict[int, Any]) -> "ChunkRunner":
         return ChunkRunner(self.chunk)
 
-    def __call__(self, cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor]) -> tuple[Tensor, State]:
+    def __call__(self, cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor],
+                 deferred: bool = False) -> tuple[Tensor, State]:
         K = self.chunk
         if self.failed or not torch.is_grad_enabled() or xp.shape[1] < K:
-            return run_steps(cell, xp, state, valid)
+            return run_steps(cell, xp, state, valid, deferred)
         self._sequences += 1
         if self._sequences == 2 and self.signature is not None:  # one step (forward + backward) done
             _mark_cached(self.signature)
@@ -242,42 +244,43 @@ class ChunkRunner:
         outs = []
         for i, xc in enumerate(xp.split(K, 1)):
             vc = None if vs is None else vs[i]
-            if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc)):
-                out, state = self._compiled(cell, xc, state, vc)
+            if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc, deferred)):
+                out, state = self._compiled(cell, xc, state, vc, deferred)
             else:
-                out, state = run_steps(cell, xc, state, vc)
+                out, state = run_steps(cell, xc, state, vc, deferred)
             outs.append(out)
         return (torch.cat(outs, 1) if len(outs) > 1 else outs[0]), state
 
-    def _compiled(self, cell: RNNCell, xc: Tensor, state: State, vc: Optional[Tensor]) -> tuple[Tensor, State]:
+    def _compiled(self, cell: RNNCell, xc: Tensor, state: State, vc: Optional[Tensor],
+                  deferred: bool) -> tuple[Tensor, State]:
         if self._fn is None:
             setup_cache()
             dev = xc.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk)
-            self._key = _call_key(xc, state, vc)
+            self._key = _call_key(xc, state, vc, deferred)
             graph = _graph_key(cell, self._key)
             if graph not in _SHARED:
                 _SHARED[graph] = torch.compile(run_steps, dynamic=False)
             self._fn = _SHARED[graph]
             try:  # the first call compiles (or finds the graph another cell compiled)
-                result = self._fn(cell, xc, state, vc)
+                result = self._fn(cell, xc, state, vc, deferred)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 _SHARED.pop(graph, None)
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 warnings.warn(f"torch.compile failed for {type(cell).__name__} ({self.failed}); "
                               f"this cell runs eagerly.", RuntimeWarning, stacklevel=2)
-                return run_steps(cell, xc, state, vc)
+                return run_steps(cell, xc, state, vc, deferred)
             self.compiled_calls += 1
             return result
         self.compiled_calls += 1
         with torch.compiler.set_stance("eager_on_recompile"):
-            return self._fn(cell, xc, state, vc)
+            return self._fn(cell, xc, state, vc, deferred)
 
 
-def _call_key(xc: Tensor, state: State, vc: Optional[Tensor]) -> tuple[Any, ...]:
+def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool) -> tuple[Any, ...]:
     dev = xc.device.type
-    return (xc.shape, xc.dtype, xc.device, vc is None, tuple((s.shape, s.dtype) for s in state),
+    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, tuple((s.shape, s.dtype) for s in state),
             torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
 
 

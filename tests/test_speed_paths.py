@@ -236,8 +236,9 @@ def test_amp_bf16_trains_on_cpu():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cell,layers,bi,with_lengths", [({"name": "lstm"}, 1, False, False),
+                                                         ({"name": "lstm"}, 1, True, True),
                                                          ({"name": "gru"}, 1, True, True)],
-                         ids=["lstm", "gru-bi-lengths"])
+                         ids=["lstm", "lstm-bi-lengths", "gru-bi-lengths"])
 def test_compiled_cell_path_gives_the_fused_outputs_and_gradients(cell, layers, bi, with_lengths, cache):
     cells, fused = _pair(cell, layers, bi)
     compiling.install(cells, chunk=4)  # 9 steps: two compiled chunks and one eager step

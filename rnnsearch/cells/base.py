@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .batched_grad import BatchedRecurrentGrad, Holder, wants_batched_grad
+
 State = tuple[Tensor, ...]
 
 
@@ -96,6 +98,29 @@ class RNNCell(nn.Module):
         """One step: ``x_t`` ``[batch, input_size]`` → ``(output [batch, output_size], new_state)``."""
         return self.recur(self.project_input(x_t), state)
 
+    # Optional, for speed (rnnsearch.cells.batched_grad): a cell whose step adds
+    # ``linear(state[0], W, b)`` to ``xp_t`` (and uses W, b nowhere else), and whose
+    # output is the new ``state[0]``, returns ``(W, b)`` here and implements
+    # ``recur_deferred``: the same step with W and b detached (the same arithmetic,
+    # so training and no-grad passes agree to the bit). The sequence path then
+    # computes W's and b's gradients in one GEMM over all steps.
+    def recurrent_weights(self) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """``(W, b)`` of the recurrent product, if this cell opts in to the batched weight gradient."""
+        return None
+
+    def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        """``recur`` with the recurrent weight and bias detached (their gradients are computed after the loop)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement recur_deferred()")
+
+    def _batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        # a subclass that redefines recur (but not recur_deferred) gets the plain loop
+        if _owner(type(self), "recur") is not _owner(type(self), "recur_deferred"):
+            return None
+        weights = self.recurrent_weights()
+        if weights is None or not wants_batched_grad(weights[0], weights[1], steps):
+            return None
+        return weights
+
     def forward_sequence(
         self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
     ) -> tuple[Tensor, State]:
@@ -112,10 +137,18 @@ class RNNCell(nn.Module):
             return x.new_zeros(batch, 0, self.output_size), state
         xp = self.project_input(x)  # (b, t, projected)
         valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
+        batched = self._batched_weights(steps)
+        holder = Holder()
+        if batched is not None:
+            xp = BatchedRecurrentGrad.apply(xp, batched[0], batched[1], holder)
         runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
         if runner is not None:
-            return runner(self, xp, state, valid)
-        return run_steps(self, xp, state, valid)
+            outputs, final = runner(self, xp, state, valid, deferred=batched is not None)
+        else:
+            outputs, final = run_steps(self, xp, state, valid, deferred=batched is not None)
+        if batched is not None:
+            holder.set_previous(state[0], outputs)
+        return outputs, final
 
     def extra_repr(self) -> str:
         opts = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.options if hasattr(self, k))
@@ -128,17 +161,24 @@ def step_masks(lengths: Tensor, steps: int, device: torch.device) -> Tensor:
     return (t < lengths.to(device).unsqueeze(0)).unsqueeze(2)  # (t, b, 1)
 
 
-def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None) -> tuple[Tensor, State]:
+def _owner(cls: type, name: str) -> Optional[type]:
+    return next((k for k in cls.__mro__ if name in vars(k)), None)
+
+
+def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None,
+              deferred: bool = False) -> tuple[Tensor, State]:
     """The time loop: ``cell.recur`` over projected inputs ``xp`` ``[batch, time, projected]``.
 
     ``valid`` (``[time, batch, 1]`` bool, from :func:`step_masks`) masks padding
     the ``tf.nn.dynamic_rnn`` way: outputs past a sequence's length are zero and
     its state is carried through unchanged. Returns ``(outputs [batch, time, output_size], final_state)``.
+    ``deferred`` runs ``cell.recur_deferred`` (:mod:`rnnsearch.cells.batched_grad`) instead of ``recur``.
     This plain function is also what :mod:`rnnsearch.compile` compiles, a chunk of steps at a time.
     """
+    step = cell.recur_deferred if deferred else cell.recur
     outputs = []
     for t, xp_t in enumerate(xp.unbind(1)):
-        out, new_state = cell.recur(xp_t, state)
+        out, new_state = step(xp_t, state)
         if valid is not None:
             v = valid[t]  # (b, 1)
             out = out.masked_fill(~v, 0.0)  # a select, not a product: NaN/inf padding stays out

@@ -129,10 +129,19 @@ class LSTMCell(RNNCell):
         return linear(x, self.weight_ih, self.bias_ih)  # (..., 4h)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        return self._step(xp_t, state, self.weight_hh, self.bias_hh)
+
+    def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        return self.weight_hh, self.bias_hh
+
+    def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        return self._step(xp_t, state, self.weight_hh.detach(), self.bias_hh.detach())
+
+    def _step(self, xp_t: Tensor, state: State, weight_hh: Tensor, bias_hh: Optional[Tensor]) -> tuple[Tensor, State]:
         if self.variant != "vanilla":
-            return variant_step(self, xp_t, state)
+            return variant_step(self, xp_t, state, weight_hh, bias_hh)
         h, c = state
-        gates = xp_t + linear(h, self.weight_hh, self.bias_hh)  # (b, 4h)
+        gates = xp_t + linear(h, weight_hh, bias_hh)  # (b, 4h)
         i, f, g, o = gates.chunk(4, 1)
         if self.use_peepholes:
             i = i + self.weight_ci * c

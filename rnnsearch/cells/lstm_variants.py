@@ -22,6 +22,8 @@ Gates a variant drops have no weights, so parameter counts are honest.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 from torch.nn.functional import linear
@@ -46,11 +48,12 @@ def gate_names(variant: str) -> tuple[str, ...]:
     return tuple(g for g in "ifgo" if g != drop)
 
 
-def variant_step(cell: "torch.nn.Module", xp_t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One step of ``cell`` (an LSTMCell with a non-vanilla ``variant``)."""
+def variant_step(cell: "torch.nn.Module", xp_t: Tensor, state: tuple[Tensor, ...], weight_hh: Tensor,
+                 bias_hh: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One step of ``cell`` (an LSTMCell with a non-vanilla ``variant``) with the given recurrent weight and bias."""
     h, c = state[0], state[1]
     variant = cell.variant
-    pre = xp_t + linear(h, cell.weight_hh, cell.bias_hh)
+    pre = xp_t + linear(h, weight_hh, bias_hh)
     parts = dict(zip(cell.gates, pre.chunk(len(cell.gates), 1)))
     if variant == "FGR":
         ri, rf, ro = linear(state[2], cell.weight_gr).chunk(3, 1)

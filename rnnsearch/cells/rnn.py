@@ -7,6 +7,8 @@ between this cell and ``torch.nn.RNN`` (``nonlinearity=activation``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
@@ -47,4 +49,11 @@ class BasicRNNCell(RNNCell):
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         h = self._act(xp_t + torch.nn.functional.linear(state[0], self.weight_hh, self.bias_hh))
+        return h, (h,)
+
+    def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        return self.weight_hh, self.bias_hh
+
+    def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        h = self._act(xp_t + torch.nn.functional.linear(state[0], self.weight_hh.detach(), self.bias_hh.detach()))
         return h, (h,)

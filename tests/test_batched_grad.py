@@ -1,0 +1,149 @@
+"""The batched recurrent weight gradient (rnnsearch.cells.batched_grad) changes speed, never results.
+
+A training sequence of an ``lstm`` (any variant, peepholes, projection, clips)
+or ``rnn`` cell computes ``weight_hh``'s and ``bias_hh``'s gradients in one
+GEMM after the loop. Each case here compares outputs and every gradient with
+the same cell stepped one ``cell(x_t, state)`` call at a time (autograd through
+``linear`` every step), in float64, with and without per-sequence lengths.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import pytest
+import torch
+from torch import Tensor
+
+from conftest import assert_close
+from rnnsearch import create_cell
+from rnnsearch.cells.base import step_masks
+from rnnsearch.cells.lstm import LSTMCell
+from rnnsearch.cells.lstm_variants import VARIANTS
+
+B, T, I, H = 4, 7, 3, 5
+LENGTHS = torch.tensor([7, 2, 5, 1])
+
+
+def _stepwise(cell, x: Tensor, lengths: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The reference: one ``cell(x_t, state)`` call per step, masked the dynamic_rnn way."""
+    state = cell.zero_state(x.shape[0], dtype=x.dtype)
+    state = tuple(s + 0.1 for s in state)  # a non-zero initial state: h_0 enters dW
+    valid = None if lengths is None else step_masks(lengths, x.shape[1], x.device)
+    outs = []
+    for t in range(x.shape[1]):
+        out, new = cell(x[:, t], state)
+        if valid is not None:
+            out = out.masked_fill(~valid[t], 0.0)
+            new = tuple(torch.where(valid[t], n, s) for n, s in zip(new, state))
+        outs.append(out)
+        state = new
+    return torch.stack(outs, 1), state
+
+
+def _sequence(cell, x: Tensor, lengths: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+    state = tuple(s + 0.1 for s in cell.zero_state(x.shape[0], dtype=x.dtype))
+    return cell.forward_sequence(x, state, lengths)
+
+
+def _grads(cell, run, x: Tensor, lengths: Optional[Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    x = x.clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    out, state = run(cell, x, lengths)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * w).sum() + sum((s * (k + 1)).sum() for k, s in enumerate(state))  # final state gets gradient too
+    loss.backward()
+    return out.detach(), {n: p.grad for n, p in cell.named_parameters()}, x.grad
+
+
+def _uses_batched_grad(out: Tensor) -> bool:
+    """Whether the autograd graph behind ``out`` has the batched weight-gradient node."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        fn = todo.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        if type(fn).__name__ == "BatchedRecurrentGradBackward":
+            return True
+        todo.extend(f for f, _ in fn.next_functions)
+    return False
+
+
+CELLS: list[tuple[str, dict[str, Any]]] = [
+    ("lstm", {}),
+    ("lstm", {"forget_bias": 0.0, "use_peepholes": True, "cell_clip": 0.5}),
+    ("lstm", {"num_proj": 3, "proj_clip": 0.4, "use_peepholes": True}),
+    *[("lstm", {"variant": v, "use_peepholes": v != "NP"}) for v in VARIANTS if v != "vanilla"],
+    ("rnn", {}),
+    ("rnn", {"activation": "relu"}),
+]
+
+
+@pytest.mark.parametrize("with_lengths", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize("name,options", CELLS, ids=[f"{n}-{'-'.join(f'{k}={v}' for k, v in o.items())}"
+                                                     for n, o in CELLS])
+def test_batched_weight_gradient_equals_the_stepwise_one(name, options, with_lengths):
+    cell = create_cell(name, I, H, **options).double()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    lengths = LENGTHS if with_lengths else None
+    out_s, g_s, gx_s = _grads(cell, _stepwise, x, lengths)
+    out_b, g_b, gx_b = _grads(cell, _sequence, x, lengths)
+    assert_close(out_b, out_s, what="outputs")
+    assert_close(gx_b, gx_s, what="input gradient")
+    assert g_b.keys() == g_s.keys()
+    for k in g_s:
+        assert_close(g_b[k], g_s[k], what=f"grad {k}")
+    assert _uses_batched_grad(_sequence(cell, x, lengths)[0])
+
+
+def test_the_batched_route_is_taken_only_when_it_is_needed():
+    cell = create_cell("lstm", I, H)
+    x = torch.randn(B, T, I)
+    assert _uses_batched_grad(cell.forward_sequence(x)[0])
+    assert not _uses_batched_grad(cell.forward_sequence(x[:, :1])[0]), "one step: nothing to batch"
+    with torch.no_grad():
+        out, _ = cell.forward_sequence(x)
+    assert out.grad_fn is None
+    cell.weight_hh.requires_grad_(False)
+    cell.bias_hh.requires_grad_(False)
+    assert not _uses_batched_grad(cell.forward_sequence(x)[0]), "frozen recurrent weights"
+    assert not _uses_batched_grad(create_cell("gru", I, H).forward_sequence(x)[0]), "gru does not opt in"
+
+
+def test_training_and_no_grad_sequences_agree_to_the_bit():
+    cell = create_cell("lstm", I, H, use_peepholes=True)
+    x = torch.randn(B, T, I)
+    out, (h, c) = cell.forward_sequence(x, lengths=LENGTHS)
+    with torch.no_grad():
+        ref, (rh, rc) = cell.forward_sequence(x, lengths=LENGTHS)
+    assert torch.equal(out, ref) and torch.equal(h, rh) and torch.equal(c, rc)
+
+
+class _Leaky(LSTMCell):
+    """A user cell that changes ``recur`` (and inherits ``recur_deferred``): it must not take the batched route."""
+
+    def recur(self, xp_t: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out, (h, c) = super().recur(xp_t, state)
+        h = 0.5 * h + 0.5 * state[0] @ self.weight_hh[: self.hidden_size].T
+        return h, (h, c)
+
+
+def test_a_subclass_that_redefines_recur_gets_the_plain_loop():
+    cell = _Leaky(I, H).double()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    out_s, g_s, _ = _grads(cell, _stepwise, x, None)
+    out_b, g_b, _ = _grads(cell, _sequence, x, None)
+    assert not _uses_batched_grad(_sequence(cell, x, None)[0])
+    assert_close(out_b, out_s, what="outputs")
+    for k in g_s:
+        assert_close(g_b[k], g_s[k], what=f"grad {k}")
+
+
+def test_outputs_changed_in_place_before_backward_is_a_clear_error():
+    cell = create_cell("lstm", I, H)
+    out, _ = cell.forward_sequence(torch.randn(B, T, I))
+    loss = out.sum()
+    out.add_(1.0)  # the h_{t-1} the weight gradient needs are these outputs: now wrong
+    with pytest.raises(RuntimeError, match="modified in place"):
+        loss.backward()
