@@ -10,10 +10,18 @@ and MSE — and prints tokens/s of
   (d) the same with ``model.compile=true`` — the time loop compiled a chunk of
       steps at a time (``rnnsearch.compile``; its first-step compile time is shown),
 
+and, on request (``--paths abcdef``), the ablation of the batched recurrent
+weight gradient (``rnnsearch.cells.batched_grad``):
+
+  (e) path (c) with ``batched_weight_grad = False`` (autograd's per-step weight gradient),
+  (f) path (d) likewise,
+
 each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
 throughput measured on the same machine in the same run (float32, or bfloat16
-with ``--amp bf16``). Timing alternates the paths in rounds and keeps each
-path's best round, so background load on the machine hurts all paths alike.
+with ``--amp bf16``). Timing alternates the paths in rounds, so background load
+hurts all paths alike; tok/s is each path's best round, and the ratio is the
+median over rounds of the round's ratio to (a) (a paired estimate, robust to a
+machine whose speed drifts), followed by the lowest and highest round's ratio.
 
 ``--memory`` reports instead the peak memory of one training step on the
 adding task (input 2, batch 64) at T=100 and T=1000: on CPU the growth of the
@@ -35,6 +43,7 @@ import gc
 import itertools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -47,8 +56,10 @@ from torch import nn
 
 from rnnsearch import build_model
 from rnnsearch import compile as compiling
+from rnnsearch.cells.base import RNNCell
 
-PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled"}
+PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled",
+         "e": "eager, step dW", "f": "compiled, step dW"}
 
 
 def sync(device: torch.device) -> None:
@@ -121,7 +132,11 @@ def make_models(kind: str, input_size: int, hidden: int, layers: int, bi: bool, 
             models[p] = build_model(cfg, input_size, 1)
         else:
             models[p] = build_model({**cfg, "model": {**cfg["model"], "fused": "never"}}, input_size, 1)
-            if p == "d":
+            if p in "ef":  # the ablation: autograd's per-step recurrent weight gradient
+                for m in models[p].modules():
+                    if isinstance(m, RNNCell):
+                        m.batched_weight_grad = False
+            if p in "df":
                 compiling.setup_cache()
                 compiling.install(models[p], chunk)
     return models
@@ -139,8 +154,8 @@ def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers:
 
 
 def time_paths(steps: dict[str, Callable[[], None]], rounds: int, iters: int,
-               device: torch.device) -> tuple[dict[str, float], dict[str, float]]:
-    """Best seconds per step of each path (alternating paths round by round), and each path's warm-up seconds."""
+               device: torch.device) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per step of each path in every round (paths alternate round by round), and each path's warm-up."""
     warmup = {}
     for name, fn in steps.items():  # warm-up: the compiled path compiles here
         sync(device)
@@ -149,7 +164,7 @@ def time_paths(steps: dict[str, Callable[[], None]], rounds: int, iters: int,
         fn()
         sync(device)
         warmup[name] = time.perf_counter() - t0
-    best = {k: float("inf") for k in steps}
+    times: dict[str, list[float]] = {k: [] for k in steps}
     for _ in range(rounds):
         for name, fn in steps.items():
             sync(device)
@@ -157,8 +172,14 @@ def time_paths(steps: dict[str, Callable[[], None]], rounds: int, iters: int,
             for _ in range(iters):
                 fn()
             sync(device)
-            best[name] = min(best[name], (time.perf_counter() - t0) / iters)
-    return best, warmup
+            times[name].append((time.perf_counter() - t0) / iters)
+    return times, warmup
+
+
+def paired_ratio(base: list[float], path: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest over rounds of (a)'s time / the path's time in the same round."""
+    r = sorted(a / p for a, p in zip(base, path))
+    return statistics.median(r), r[0], r[-1]
 
 
 def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
@@ -174,7 +195,7 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     paths = args.paths
     header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
     for p in paths[1:]:
-        header += f" | {'(' + p + ') ' + PATHS[p]:>16} {'/(a)':>5}"
+        header += f" | {'(' + p + ') ' + PATHS[p]:>17} {'/(a) [range]':>17}"
     if "d" in paths:
         header += f" | {'compile s':>9}"
     print(header)
@@ -184,13 +205,15 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     for kind, hidden, layers, bi in grid:
         models = make_models(kind, args.input, hidden, layers, bi, paths, args.chunk)
         steps = {k: make_step(m.to(device), x, y, amp) for k, m in models.items()}
-        t, warm = time_paths(steps, args.rounds, args.iters, device)
+        times, warm = time_paths(steps, args.rounds, args.iters, device)
+        t = {k: min(v) for k, v in times.items()}
         tok = {k: args.batch * args.steps / v for k, v in t.items()}
         gflops = step_flops(kind, args.batch, args.steps, args.input, hidden, layers, bi) / t["a"] / 1e9
         line = (f"{kind:<5} {hidden:>4} {layers:>2} {'bi' if bi else 'uni':>3} | {tok['a']:>10,.0f} {gflops:>8.1f} "
                 f"{100 * gflops / peak:>5.0f}%")
         for p in paths[1:]:
-            line += f" | {tok[p]:>16,.0f} {tok[p] / tok['a']:>5.2f}"
+            med, lo, hi = paired_ratio(times["a"], times[p])
+            line += f" | {tok[p]:>17,.0f} {med:>5.2f} [{lo:.2f}-{hi:.2f}]"
         if "d" in paths:
             line += f" | {max(warm['d'] - 2 * t['d'], 0.0):>9.1f}"
         print(line, flush=True)
@@ -266,7 +289,7 @@ def main() -> None:
     p.add_argument("--cells", default="lstm,gru", help="cells of the full grid: lstm, gru or both")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
-    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcd in order (a is required)")
+    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdef in order (a is required)")
     p.add_argument("--chunk", type=int, default=compiling.CHUNK, help="time steps per compiled call, path (d)")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step at T=100 and T=1000")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
@@ -289,7 +312,7 @@ def main() -> None:
         memory_table(args, device, amp)
     else:
         if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
-            p.error("--paths must start with a and use only a, b, c, d")
+            p.error("--paths must start with a and use only a, b, c, d, e, f")
         speed_table(args, device, amp)
 
 

@@ -109,6 +109,9 @@ def test_the_batched_route_is_taken_only_when_it_is_needed():
     cell.bias_hh.requires_grad_(False)
     assert not _uses_batched_grad(cell.forward_sequence(x)[0]), "frozen recurrent weights"
     assert not _uses_batched_grad(create_cell("gru", I, H).forward_sequence(x)[0]), "gru does not opt in"
+    plain = create_cell("lstm", I, H)
+    plain.batched_weight_grad = False
+    assert not _uses_batched_grad(plain.forward_sequence(x)[0]), "switched off on the cell"
 
 
 def test_training_and_no_grad_sequences_agree_to_the_bit():

@@ -46,6 +46,11 @@ class RNNCell(nn.Module):
     #: Options a config may set, besides input_size/hidden_size (filled by subclasses).
     options: tuple[str, ...] = ()
 
+    #: Whether a training sequence may compute the recurrent weight's gradient in one GEMM after the
+    #: loop, for cells that opt in (see ``recurrent_weights``); set False on a cell to get the plain
+    #: per-step autograd (an ablation, or to debug a new cell).
+    batched_weight_grad: bool = True
+
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         self.input_size = int(input_size)
@@ -114,7 +119,7 @@ class RNNCell(nn.Module):
 
     def _batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         # a subclass that redefines recur (but not recur_deferred) gets the plain loop
-        if _owner(type(self), "recur") is not _owner(type(self), "recur_deferred"):
+        if not self.batched_weight_grad or _owner(type(self), "recur") is not _owner(type(self), "recur_deferred"):
             return None
         weights = self.recurrent_weights()
         if weights is None or not wants_batched_grad(weights[0], weights[1], steps):
