@@ -150,3 +150,20 @@ def test_outputs_changed_in_place_before_backward_is_a_clear_error():
     out.add_(1.0)  # the h_{t-1} the weight gradient needs are these outputs: now wrong
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
+
+
+def test_bf16_autocast_gives_float32_gradients_close_to_the_stepwise_ones():
+    cell = create_cell("lstm", I, H, num_proj=4)
+    x = torch.randn(B, T, I)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _grads(cell, fn, x, LENGTHS)
+
+    out_s, g_s, _ = run(_stepwise)
+    out_b, g_b, _ = run(_sequence)
+    assert out_b.dtype == torch.bfloat16
+    for k in g_s:
+        assert g_b[k].dtype == torch.float32, k
+        scale = g_s[k].abs().max().item()
+        assert_close(g_b[k], g_s[k], tol=0.05 * scale + 1e-3, what=f"bf16 grad {k}")
