@@ -159,10 +159,13 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
 # -- signatures and the warm-cache markers ------------------------------------------------------------
 
 def cell_signature(cell: RNNCell, batch: int, dtype: torch.dtype, amp: Optional[torch.dtype], device_type: str,
-                   masked: bool, chunk: int = CHUNK) -> str:
-    """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call."""
-    text = "|".join(map(str, (torch.__version__, GRAPH_VERSION, type(cell).__module__, type(cell).__qualname__, repr(cell),
-                              batch, dtype, amp, device_type, masked, chunk, cell.training)))
+                   masked: bool, chunk: int = CHUNK, deferred: bool = False) -> str:
+    """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call.
+
+    ``deferred``: whether the steps run ``recur_deferred`` (the batched weight gradient).
+    """
+    text = "|".join(map(str, (torch.__version__, GRAPH_VERSION, type(cell).__module__, type(cell).__qualname__,
+                              repr(cell), batch, dtype, amp, device_type, masked, chunk, cell.training, deferred)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -257,7 +260,8 @@ class ChunkRunner:
             setup_cache()
             dev = xc.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-            self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk)
+            self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk,
+                                            deferred)
             self._key = _call_key(xc, state, vc, deferred)
             graph = _graph_key(cell, self._key)
             if graph not in _SHARED:
@@ -332,7 +336,8 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
     seen: set[str] = set()
     new = cached = 0
     for cell in cells:
-        sig = cell_signature(cell, batch_size, cell_dtype(cell), amp, dev, masked, chunk)
+        deferred = cell.batched_weights(seq_len) is not None
+        sig = cell_signature(cell, batch_size, cell_dtype(cell), amp, dev, masked, chunk, deferred)
         if sig in seen or is_cached(sig):
             cached += 1
         else:

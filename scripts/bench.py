@@ -14,7 +14,7 @@ and, on request (``--paths abcdef``), the ablation of the batched recurrent
 weight gradient (``rnnsearch.cells.batched_grad``):
 
   (e) path (c) with ``batched_weight_grad = False`` (autograd's per-step weight gradient),
-  (f) path (d) likewise,
+  (f) path (d) likewise (for ``gru``, which does not batch its weight gradient, (e)/(f) are (c)/(d)),
 
 each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
 throughput measured on the same machine in the same run (float32, or bfloat16
@@ -195,7 +195,7 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     paths = args.paths
     header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
     for p in paths[1:]:
-        header += f" | {'(' + p + ') ' + PATHS[p]:>17} {'/(a) [range]':>17}"
+        header += f" | {'(' + p + ') ' + PATHS[p]:>21} {'/(a) [range]':>17}"
     if "d" in paths:
         header += f" | {'compile s':>9}"
     print(header)
@@ -213,7 +213,7 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
                 f"{100 * gflops / peak:>5.0f}%")
         for p in paths[1:]:
             med, lo, hi = paired_ratio(times["a"], times[p])
-            line += f" | {tok[p]:>17,.0f} {med:>5.2f} [{lo:.2f}-{hi:.2f}]"
+            line += f" | {tok[p]:>21,.0f} {med:>5.2f} [{lo:.2f}-{hi:.2f}]"
         if "d" in paths:
             line += f" | {max(warm['d'] - 2 * t['d'], 0.0):>9.1f}"
         print(line, flush=True)
@@ -313,6 +313,8 @@ def main() -> None:
     else:
         if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
             p.error("--paths must start with a and use only a, b, c, d, e, f")
+        if args.rounds < 1 or args.iters < 1:
+            p.error(f"--rounds and --iters must be at least 1, got {args.rounds} and {args.iters}")
         speed_table(args, device, amp)
 
 

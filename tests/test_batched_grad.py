@@ -143,13 +143,69 @@ def test_a_subclass_that_redefines_recur_gets_the_plain_loop():
         assert_close(g_b[k], g_s[k], what=f"grad {k}")
 
 
-def test_outputs_changed_in_place_before_backward_is_a_clear_error():
+class _Doubled(LSTMCell):
+    """A user cell that changes the shared ``_step`` (so its output is no longer its state): plain loop."""
+
+    def _step(self, xp_t, state, weight_hh, bias_hh):
+        out, new = super()._step(xp_t, state, weight_hh, bias_hh)
+        return 2 * out, new
+
+
+def test_a_subclass_that_redefines_what_recur_deferred_uses_gets_the_plain_loop():
+    cell = _Doubled(I, H).double()
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    assert not _uses_batched_grad(_sequence(cell, x, None)[0])
+    _, g_s, _ = _grads(cell, _stepwise, x, LENGTHS)
+    _, g_b, _ = _grads(cell, _sequence, x, LENGTHS)
+    for k in g_s:
+        assert_close(g_b[k], g_s[k], what=f"grad {k}")
+
+
+def test_a_broadcast_initial_state_works():
+    cell = create_cell("lstm", I, H).double()
+    h0 = torch.randn(1, H, dtype=torch.float64, requires_grad=True)  # e.g. a learned initial state
+    c0 = torch.zeros(1, H, dtype=torch.float64)
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    grads = []
+    for batched in (True, False):
+        cell.batched_weight_grad = batched
+        cell.zero_grad(set_to_none=True)
+        h0.grad = None
+        out, _ = cell.forward_sequence(x, (h0, c0))
+        assert _uses_batched_grad(out) == batched
+        out.pow(2).sum().backward()
+        grads.append((cell.weight_hh.grad.clone(), cell.bias_hh.grad.clone(), h0.grad.clone()))
+    for a, b, what in zip(*grads, ("weight_hh", "bias_hh", "h0")):
+        assert_close(a, b, what=f"grad {what}")
+
+
+@pytest.mark.parametrize("what", ["outputs", "initial state"])
+def test_changing_what_the_weight_gradient_needs_in_place_is_a_clear_error(what):
     cell = create_cell("lstm", I, H)
-    out, _ = cell.forward_sequence(torch.randn(B, T, I))
+    h0, c0 = torch.randn(B, H), torch.zeros(B, H)
+    out, _ = cell.forward_sequence(torch.randn(B, T, I), (h0, c0))
     loss = out.sum()
-    out.add_(1.0)  # the h_{t-1} the weight gradient needs are these outputs: now wrong
+    with torch.no_grad():
+        (out if what == "outputs" else h0).add_(1.0)  # the h_{t-1} of dW = dXP^T H_prev: now wrong
     with pytest.raises(RuntimeError, match="modified in place"):
         loss.backward()
+
+
+def test_double_backward_needs_the_switch_off():
+    """A gradient penalty differentiates the gradient: the batched route refuses, the plain one gives it."""
+    cell = create_cell("lstm", I, H).double()
+    x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+
+    def penalty():
+        (gx,) = torch.autograd.grad(cell.forward_sequence(x)[0].pow(2).sum(), x, create_graph=True)
+        return gx.pow(2).sum()
+
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        penalty().backward()
+    cell.batched_weight_grad = False
+    cell.zero_grad(set_to_none=True)
+    penalty().backward()
+    assert torch.isfinite(cell.weight_hh.grad).all() and cell.weight_hh.grad.abs().sum() > 0
 
 
 def test_bf16_autocast_gives_float32_gradients_close_to_the_stepwise_ones():

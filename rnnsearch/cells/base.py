@@ -50,6 +50,9 @@ class RNNCell(nn.Module):
     #: loop, for cells that opt in (see ``recurrent_weights``); set False on a cell to get the plain
     #: per-step autograd (an ablation, or to debug a new cell).
     batched_weight_grad: bool = True
+    #: Further methods the batched route relies on (besides ``recur``/``recur_deferred``): a subclass
+    #: that redefines any of them takes the plain loop, since its step may no longer fit the contract.
+    batched_grad_methods: tuple[str, ...] = ()
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -117,9 +120,13 @@ class RNNCell(nn.Module):
         """``recur`` with the recurrent weight and bias detached (their gradients are computed after the loop)."""
         raise NotImplementedError(f"{type(self).__name__} does not implement recur_deferred()")
 
-    def _batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
-        # a subclass that redefines recur (but not recur_deferred) gets the plain loop
-        if not self.batched_weight_grad or _owner(type(self), "recur") is not _owner(type(self), "recur_deferred"):
+    def batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+        """``(W, b)`` when a training sequence of ``steps`` steps takes the batched route now, else None."""
+        # a subclass that redefines recur, or what recur_deferred relies on, gets the plain loop
+        cls = type(self)
+        owner = _owner(cls, "recur_deferred")
+        if not self.batched_weight_grad or any(_owner(cls, m) is not owner
+                                               for m in ("recur", *self.batched_grad_methods)):
             return None
         weights = self.recurrent_weights()
         if weights is None or not wants_batched_grad(weights[0], weights[1], steps):
@@ -142,7 +149,7 @@ class RNNCell(nn.Module):
             return x.new_zeros(batch, 0, self.output_size), state
         xp = self.project_input(x)  # (b, t, projected)
         valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
-        batched = self._batched_weights(steps)
+        batched = self.batched_weights(steps)
         holder = Holder()
         if batched is not None:
             xp = BatchedRecurrentGrad.apply(xp, batched[0], batched[1], holder)

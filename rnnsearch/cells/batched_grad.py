@@ -21,6 +21,11 @@ and when the gradient of the projected inputs arrives (after every step's
 backward) computes ``dW = dXPᵀ H_prev`` and ``db = Σ dXP`` in one call each.
 Padding needs no care: a step past a sequence's length passes no gradient to
 its pre-activations, so those rows of ``dXP`` are zero.
+
+Limits: the gradient is first-order only (double backward, e.g. a gradient
+penalty, raises), and the initial state and the outputs must not be changed in
+place before backward (that raises too). ``cell.batched_weight_grad = False``
+gives plain per-step autograd for either.
 """
 
 from __future__ import annotations
@@ -38,22 +43,25 @@ class Holder:
     def __init__(self) -> None:
         self.initial: Optional[Tensor] = None
         self.outputs: Optional[Tensor] = None
-        self.version = -1
+        self.versions = (-1, -1)
 
     def set_previous(self, initial: Tensor, outputs: Tensor) -> None:
-        """``initial`` ``[batch, width]`` is ``h_0``; ``outputs`` ``[batch, time, width]`` are ``h_1 … h_T``."""
+        """``initial`` ``[batch or 1, width]`` is ``h_0``; ``outputs`` ``[batch, time, width]`` are ``h_1 … h_T``."""
         self.initial = initial.detach()
         self.outputs = outputs.detach()
-        self.version = outputs._version
+        self.versions = (initial._version, outputs._version)
 
     def previous(self) -> Tensor:
         """``[batch, time, width]``: ``h_{t-1}`` for every step ``t``."""
         if self.outputs is None or self.initial is None:
             raise RuntimeError("BatchedRecurrentGrad: backward ran before the sequence recorded its states.")
-        if self.outputs._version != self.version:
-            raise RuntimeError("BatchedRecurrentGrad: a cell's sequence outputs were modified in place after the "
-                               "loop; the recurrent weight gradient needs them unchanged (use an out-of-place op).")
-        return torch.cat([self.initial.unsqueeze(1), self.outputs[:, :-1]], 1)
+        if (self.initial._version, self.outputs._version) != self.versions:
+            raise RuntimeError(
+                "BatchedRecurrentGrad: a recurrent cell's initial state or its sequence outputs were modified in "
+                "place between forward and backward; the recurrent weight gradient needs them unchanged. Use an "
+                "out-of-place op, or set cell.batched_weight_grad = False for per-step autograd.")
+        initial = self.initial.expand(self.outputs.shape[0], -1).to(self.outputs.dtype)  # a broadcast h_0 too
+        return torch.cat([initial.unsqueeze(1), self.outputs[:, :-1]], 1)
 
 
 class BatchedRecurrentGrad(torch.autograd.Function):

@@ -75,6 +75,7 @@ class LSTMCell(RNNCell):
     """
 
     options = ("forget_bias", "activation", "use_peepholes", "cell_clip", "num_proj", "proj_clip", "variant")
+    batched_grad_methods = ("_step",)
 
     def __init__(
         self,
