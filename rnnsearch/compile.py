@@ -15,7 +15,11 @@ took 279–323 s to compile cold and recompiles for every sequence length; the
 per-step ``recur`` compiles in 10–19 s but is no faster than eager (the
 compiled-call overhead is paid twice per step); chunks of 5 / 10 / 20 steps
 compile in 15–23 / 28–31 / 54–98 s and run within 10% of the whole loop; a
-warm cache brings a 10-step chunk's compile to 3–5 s.
+warm cache brings a chunk's compile to 3–5 s. With the batched weight gradient
+(:mod:`rnnsearch.cells.batched_grad`) per-chunk overhead weighs more: on the quiet
+machine, paired against ``torch.nn.LSTM`` in one process, 20-step chunks ran
+0.02–0.08 faster than 10-step ones in all four shapes tried (and 5-step ones
+slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20.
 
 *The cache*: ``TORCHINDUCTOR_CACHE_DIR`` is set (unless the user set it) to
 ``$RNNSEARCH_CACHE/inductor`` (default ``~/.cache/rnnsearch/inductor``), so all
@@ -46,7 +50,7 @@ from rnnsearch.cells.base import RNNCell, State, run_steps
 from rnnsearch.errors import choice_error
 
 COMPILE_MODES = ("auto", "true", "false")
-CHUNK = 10  # time steps per compiled call
+CHUNK = 20  # time steps per compiled call
 MARGIN = 1.5  # auto compiles only when the expected saving exceeds MARGIN × the expected compile time
 CACHE_ENV = "RNNSEARCH_CACHE"
 GRAPH_VERSION = 2  # bumped when what run_steps compiles changes (2: batched recurrent weight gradient)
@@ -62,8 +66,10 @@ class Costs:
 
 
 COSTS: dict[str, Costs] = {  # rounded up (compile) and down (saving) from docs/performance.md
-    "cpu": Costs(cold_s=60.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU: 28-50 s cold, 3-5 s warm
-    "cuda": Costs(cold_s=30.0, warm_s=5.0, saving_s=2e-4),  # H200: 7-16 s cold; saves 0.23-0.32 ms/step
+    "cpu": Costs(cold_s=90.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU, 20-step chunk: 31-38 s cold (quiet),
+    # 54-98 s under load; 3-5 s warm
+    "cuda": Costs(cold_s=45.0, warm_s=5.0, saving_s=2e-4),  # H200: 7-16 s cold for a 10-step chunk (20 steps:
+    # not measured, scaled as on the CPU); saves 0.23-0.32 ms/step
 }
 
 

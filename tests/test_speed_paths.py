@@ -335,10 +335,11 @@ def test_training_with_compile_true_uses_the_compiled_loop(cache):
 
     seen = Seen()
     result = train(compose_config([*TINY, "cell=ln_lstm", "model.compile=true", "task.train_size=96",
-                                   "train.batch_size=32", "train.epochs=2"]), callbacks=[seen])
+                                   "train.batch_size=32", "train.epochs=2", f"task.seq_len={compiling.CHUNK}"]),
+                   callbacks=[seen])
     assert math.isfinite(result["test/mse"]) and seen.info["compiled"] and seen.info["compile"] == "model.compile=true"
     runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
-    assert runner.compiled_calls == 6 and not runner.failed  # 6 steps x one 10-step chunk (seq_len 10)
+    assert runner.compiled_calls == 6 and not runner.failed  # 6 steps x one chunk (seq_len = CHUNK)
     assert compiling.is_cached(runner.signature)
 
 
