@@ -150,15 +150,14 @@ class RNNCell(nn.Module):
         xp = self.project_input(x)  # (b, t, projected)
         valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
         batched = self.batched_weights(steps)
-        holder = Holder()
+        holder = None
         if batched is not None:
+            holder = Holder()
             xp = BatchedRecurrentGrad.apply(xp, batched[0], batched[1], holder)
-        runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
-        if runner is not None:
-            outputs, final = runner(self, xp, state, valid, deferred=batched is not None)
-        else:
-            outputs, final = run_steps(self, xp, state, valid, deferred=batched is not None)
-        if batched is not None:
+        # a compiled loop (rnnsearch.compile) if one is installed, else the plain one
+        runner = self.__dict__.get("sequence_runner") or run_steps
+        outputs, final = runner(self, xp, state, valid, deferred=holder is not None)
+        if holder is not None:
             holder.set_previous(state[0], outputs)
         return outputs, final
 

@@ -31,6 +31,7 @@ class BasicRNNCell(RNNCell):
     """
 
     options = ("activation",)
+    batched_grad_methods = ("_step",)
 
     def __init__(self, input_size: int, hidden_size: int, activation: str = "tanh") -> None:
         super().__init__(input_size, hidden_size)
@@ -48,12 +49,14 @@ class BasicRNNCell(RNNCell):
         return torch.nn.functional.linear(x, self.weight_ih, self.bias_ih)  # (..., h)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
-        h = self._act(xp_t + torch.nn.functional.linear(state[0], self.weight_hh, self.bias_hh))
-        return h, (h,)
+        return self._step(xp_t, state, self.weight_hh, self.bias_hh)
 
     def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.weight_hh, self.bias_hh
 
     def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
-        h = self._act(xp_t + torch.nn.functional.linear(state[0], self.weight_hh.detach(), self.bias_hh.detach()))
+        return self._step(xp_t, state, self.weight_hh.detach(), self.bias_hh.detach())
+
+    def _step(self, xp_t: Tensor, state: State, weight_hh: Tensor, bias_hh: Optional[Tensor]) -> tuple[Tensor, State]:
+        h = self._act(xp_t + torch.nn.functional.linear(state[0], weight_hh, bias_hh))
         return h, (h,)
