@@ -10,7 +10,8 @@ into the initial forget-gate bias (the same function, and the same gradients,
 at every step). Variable lengths go through packed sequences; packing needs
 the lengths on the CPU, so pass a CPU ``lengths`` tensor (``Batch.cpu_lengths``)
 to avoid a host–device sync, and a batch whose rows are all full length is not
-packed at all.
+packed at all. An empty sequence (length 0) gives zero outputs and keeps its
+initial state, as on the cell path.
 """
 
 from __future__ import annotations
@@ -120,8 +121,13 @@ class FusedStack(nn.Module):
         steps = x.shape[1]
         if lengths is not None and lengths.device.type == "cpu" and bool((lengths == steps).all()):
             lengths = None  # every row is full length: packing would change nothing
+        empty = None
         if lengths is not None:
-            packed = pack(x, lengths)
+            cpu = lengths.cpu()
+            if bool((cpu <= 0).any()):  # packing refuses empty rows: run them one step, then undo that step
+                empty = (cpu <= 0).to(x.device, non_blocking=True)
+                cpu = cpu.clamp(min=1)
+            packed = pack(x, cpu)
             out, finals = self.rnn(packed, states)
             # unpack in sorted order and unsort on the device (torch's unsorting also reads indices to the CPU)
             out, _ = pad_packed_sequence(PackedSequence(out.data, out.batch_sizes), batch_first=True,
@@ -131,7 +137,20 @@ class FusedStack(nn.Module):
             out, finals = self.rnn(x, states)
         h_n = finals[0] if isinstance(finals, tuple) else finals  # (layers*dirs, b, out)
         last = torch.cat([h_n[-2], h_n[-1]], -1) if self.bidirectional else h_n[-1]
+        if empty is not None:  # as the cell path: no output, the initial state kept
+            out = out.masked_fill(empty.view(-1, 1, 1), 0.0)
+            last = last.masked_fill(empty.view(-1, 1), 0.0)
+            finals = _keep_initial(finals, states, empty)
         return self.out_dropout(out), self.out_dropout(last), finals
+
+
+def _keep_initial(finals: Any, states: Any, empty: Tensor) -> Any:
+    """``finals`` with the rows of empty sequences set back to the initial ``states`` (zeros when None)."""
+    if isinstance(finals, tuple):
+        initial = states if states is not None else (None,) * len(finals)
+        return tuple(_keep_initial(f, s, empty) for f, s in zip(finals, initial))
+    row = empty.view(1, -1, 1)  # finals are (layers*dirs, b, width)
+    return finals.masked_fill(row, 0.0) if states is None else torch.where(row, states.to(finals.dtype), finals)
 
 
 def pack(x: Tensor, lengths: Tensor) -> PackedSequence:

@@ -16,6 +16,10 @@ weight gradient (``rnnsearch.cells.batched_grad``):
   (e) path (c) with ``batched_weight_grad = False`` (autograd's per-step weight gradient),
   (f) path (d) likewise (for ``gru``, which does not batch its weight gradient, (e)/(f) are (c)/(d)),
 
+and (``--paths adg``) the ablation of the compiled chunks' exp-based tanh (``rnnsearch.compile.inductor_options``):
+
+  (g) path (d) compiled with inductor's SLEEF ``tanh`` (``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH=0`` for its calls),
+
 each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
 throughput measured on the same machine in the same run (float32, or bfloat16
 with ``--amp bf16``). Timing alternates the paths in rounds, so background load
@@ -59,7 +63,7 @@ from rnnsearch import compile as compiling
 from rnnsearch.cells.base import RNNCell
 
 PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled",
-         "e": "eager, step dW", "f": "compiled, step dW"}
+         "e": "eager, step dW", "f": "compiled, step dW", "g": "compiled, SLEEF tanh"}
 
 
 def sync(device: torch.device) -> None:
@@ -136,10 +140,27 @@ def make_models(kind: str, input_size: int, hidden: int, layers: int, bi: bool, 
                 for m in models[p].modules():
                     if isinstance(m, RNNCell):
                         m.batched_weight_grad = False
-            if p in "df":
+            if p in "dfg":
                 compiling.setup_cache()
                 compiling.install(models[p], chunk)
     return models
+
+
+def with_exact_tanh(step: Callable[[], None]) -> Callable[[], None]:
+    """Path (g): run ``step`` with inductor's own tanh switch off, so its compile keeps SLEEF's tanh."""
+
+    def run() -> None:
+        old = os.environ.get(compiling.DECOMPOSE_TANH_ENV)
+        os.environ[compiling.DECOMPOSE_TANH_ENV] = "0"
+        try:
+            step()
+        finally:
+            if old is None:
+                del os.environ[compiling.DECOMPOSE_TANH_ENV]
+            else:
+                os.environ[compiling.DECOMPOSE_TANH_ENV] = old
+
+    return run
 
 
 def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers: int, bi: bool) -> float:
@@ -205,6 +226,8 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     for kind, hidden, layers, bi in grid:
         models = make_models(kind, args.input, hidden, layers, bi, paths, args.chunk)
         steps = {k: make_step(m.to(device), x, y, amp) for k, m in models.items()}
+        if "g" in steps:
+            steps["g"] = with_exact_tanh(steps["g"])
         times, warm = time_paths(steps, args.rounds, args.iters, device)
         t = {k: min(v) for k, v in times.items()}
         tok = {k: args.batch * args.steps / v for k, v in t.items()}
@@ -289,7 +312,7 @@ def main() -> None:
     p.add_argument("--cells", default="lstm,gru", help="cells of the full grid: lstm, gru or both")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
-    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdef in order (a is required)")
+    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdefg in order (a is required)")
     p.add_argument("--chunk", type=int, default=compiling.CHUNK, help="time steps per compiled call, path (d)")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step at T=100 and T=1000")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)
@@ -312,7 +335,7 @@ def main() -> None:
         memory_table(args, device, amp)
     else:
         if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
-            p.error("--paths must start with a and use only a, b, c, d, e, f")
+            p.error("--paths must start with a and use only a, b, c, d, e, f, g")
         if args.rounds < 1 or args.iters < 1:
             p.error(f"--rounds and --iters must be at least 1, got {args.rounds} and {args.iters}")
         speed_table(args, device, amp)

@@ -101,6 +101,29 @@ def test_packed_fused_path_matches_the_padded_cell_path(bi):
                      what="outputs with NaN padding")
 
 
+@pytest.mark.parametrize("cell,bi", [({"name": "lstm"}, True), ({"name": "gru"}, False)], ids=["lstm-bi", "gru"])
+def test_empty_sequences_give_the_cell_paths_result_on_the_fused_path(cell, bi):
+    """Length 0 (which packing refuses): zero outputs, the initial state kept — as the cell path does."""
+    cells, fused = _pair(cell, 2, bi)
+    lengths = torch.tensor([9, 0, 4, 0])
+    x = torch.randn(4, 9, IN, dtype=torch.float64)
+    out_c, gx_c, g_c = _outputs_and_grads(cells, x, lengths)
+    out_f, gx_f, g_f = _outputs_and_grads(fused, x, lengths)
+    assert_close(out_f, out_c, what="outputs")
+    assert_close(gx_f, gx_c, what="input gradient")
+    _assert_same_grads(cells, fused, g_c, g_f)
+    h = cells.encoder(x)
+    layers, width = 2 * (2 if bi else 1), fused.stack.rnn.hidden_size
+    start = torch.randn(layers, 4, width, dtype=torch.float64)
+    state = (start, torch.randn_like(start)) if cell["name"] == "lstm" else start
+    out, last, finals = fused.stack(h, lengths, state)
+    assert not out[1].any() and not out[3].any() and not last[1].any(), "an empty sequence outputs nothing"
+    for got, initial in zip(finals if isinstance(finals, tuple) else (finals,), state if isinstance(state, tuple)
+                            else (state,)):
+        assert torch.equal(got[:, [1, 3]], initial[:, [1, 3]]), "an empty sequence keeps its initial state"
+        assert not torch.equal(got[:, [0, 2]], initial[:, [0, 2]])
+
+
 def test_full_length_lengths_skip_packing_and_change_nothing(monkeypatch):
     _, fused = _pair({"name": "gru"}, 1, True)
     x = torch.randn(3, 5, IN, dtype=torch.float64)
@@ -227,6 +250,27 @@ def test_a_failing_compiler_falls_back_to_the_eager_loop(monkeypatch, cache):
     assert compiling.step_cells(cells)[0].sequence_runner.failed
 
 
+def test_compiled_chunks_use_the_decomposed_tanh_unless_the_user_chose(monkeypatch, cache):
+    seen: list[dict[str, Any]] = []
+
+    def recording(fn: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return fn  # run eagerly: only the options are under test
+
+    monkeypatch.setattr(torch, "compile", recording)
+    monkeypatch.delenv(compiling.DECOMPOSE_TANH_ENV, raising=False)
+    assert compiling.inductor_options() == {"cpp.use_decompose_tanh": True}
+    cells, _ = _pair({"name": "lstm"}, 1, False)
+    compiling.install(cells, chunk=4)
+    cells(torch.ones(2, 9, IN, dtype=torch.float64))
+    assert seen and seen[0]["options"] == {"cpp.use_decompose_tanh": True} and seen[0]["dynamic"] is False
+    signature = compiling.step_cells(cells)[0].sequence_runner.signature
+    monkeypatch.setenv(compiling.DECOMPOSE_TANH_ENV, "0")  # the user's own setting wins, and is another graph
+    assert compiling.inductor_options() == {}
+    cell = compiling.step_cells(cells)[0]
+    assert compiling.cell_signature(cell, 2, torch.float64, None, "cpu", False, 4, True) != signature
+
+
 def test_amp_bf16_trains_on_cpu():
     result = train(compose_config([*TINY, "train.amp=bf16"]))
     assert math.isfinite(result["train/loss"]) and math.isfinite(result["test/mse"])
@@ -325,6 +369,22 @@ def test_cuda_compiled_cell_path_gives_the_fused_outputs_and_gradients(cache):
     assert_close(gx_c, gx_f, what="input gradient")
     _assert_same_grads(cells, fused, g_c, g_f)
     assert all(c.sequence_runner.compiled_calls == 2 for c in compiling.step_cells(cells))
+
+
+@pytest.mark.slow
+def test_compiled_float32_lstm_matches_the_eager_loop(cache):
+    """float32, where the compiled chunk's exp-based tanh differs from torch.tanh by rounding only."""
+    torch.manual_seed(0)
+    cells = build_model({"cell": {"name": "lstm"}, "model": {"hidden_size": H, "fused": "never"}}, IN, OUT)
+    x = torch.randn(5, 8, IN) * 3  # pre-activations well into tanh's curved and saturated ranges
+    out_e, gx_e, g_e = _outputs_and_grads(cells, x, None)
+    compiling.install(cells, chunk=4)
+    out_c, gx_c, g_c = _outputs_and_grads(cells, x, None)
+    assert compiling.step_cells(cells)[0].sequence_runner.compiled_calls == 2
+    assert_close(out_c, out_e, tol=2e-6, what="outputs")
+    assert_close(gx_c, gx_e, tol=2e-6, what="input gradient")
+    for name, grad in g_e.items():
+        assert_close(g_c[name], grad, tol=2e-5, what=f"grad {name}")
 
 
 @pytest.mark.slow

@@ -275,6 +275,24 @@ def test_bad_input_is_one_clear_config_error(name, options, words):
         assert w in str(err.value)
 
 
+@pytest.mark.parametrize("lengths, words", [
+    ([4, 0, 2], ["'tagging'", "train split", "sequence 1 has length 0", "1..4", "1 of 3"]),
+    ([4, 5, 9], ["sequence 1 has length 5", "1..4", "2 of 3"]),
+    ([[4, 4, 4]], ["1-D integer tensor", "(3)", "(1, 3)"]),
+    ([4.0, 1.0, 2.0], ["1-D integer tensor", "torch.float32"]),
+], ids=["empty", "too-long", "shape", "float"])
+def test_a_split_with_bad_lengths_is_one_clear_error(monkeypatch, lengths, words):
+    """A task's lengths are checked once, when its split is made: a bad one names the row, value and range."""
+    task = make("tagging")
+    bad = Batch(torch.zeros(3, 4, 1), torch.zeros(3, 4, dtype=torch.long), torch.tensor(lengths),
+                torch.ones(3, 4, dtype=torch.bool))
+    monkeypatch.setattr(task, "make_split", lambda name: bad)
+    with pytest.raises(ValueError) as err:
+        task.split("train")
+    for w in words:
+        assert w in str(err.value), (w, str(err.value))
+
+
 def test_missing_music21_names_the_extra(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "music21" else real(name, *a))

@@ -102,9 +102,25 @@ class Task:
             if (name, "cpu") not in self._cache:
                 if name not in SPLITS:
                     raise ValueError(f"Unknown split {name!r}; valid: {', '.join(SPLITS)}.")
-                self._cache[(name, "cpu")] = self.make_split(name)
+                self._cache[(name, "cpu")] = self._checked(self.make_split(name), name)
             self._cache[key] = self._cache[(name, "cpu")].to(device)
         return self._cache[key]
+
+    def _checked(self, batch: Batch, split: str) -> Batch:
+        """``batch`` if its lengths (when it has them) are one per row and within ``1 .. time steps``."""
+        if batch.lengths is None:
+            return batch
+        lengths, rows, steps = batch.lengths, batch.x.shape[0], batch.x.shape[1]
+        where = f"Task {getattr(self, 'registry_name', type(self).__name__)!r}, {split} split"
+        if lengths.dim() != 1 or lengths.shape[0] != rows or lengths.is_floating_point() or lengths.is_complex():
+            raise ValueError(f"{where}: lengths must be a 1-D integer tensor with one entry per sequence ({rows}), "
+                             f"got dtype {lengths.dtype} and shape {tuple(lengths.shape)}.")
+        bad = ((lengths < 1) | (lengths > steps)).nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"{where}: sequence {i} has length {int(lengths[i])}, outside the valid range 1..{steps} "
+                             f"(the padded length of x); {len(bad)} of {rows} sequences are out of range.")
+        return batch
 
     def make_split(self, name: str) -> Batch:
         """Build split ``name`` on the CPU (called once per split).
