@@ -21,6 +21,10 @@ machine, paired against ``torch.nn.LSTM`` in one process, 20-step chunks ran
 0.02–0.08 faster than 10-step ones in all four shapes tried (and 5-step ones
 slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20.
 
+*How* it is compiled: ``torch.compile(run_steps, dynamic=False)`` with
+:func:`inductor_options` — on CPU, tanh in inductor's exp form (cheaper than its
+SLEEF tanh, within 1.8e-7 of ``torch.tanh``).
+
 *The cache*: ``TORCHINDUCTOR_CACHE_DIR`` is set (unless the user set it) to
 ``$RNNSEARCH_CACHE/inductor`` (default ``~/.cache/rnnsearch/inductor``), so all
 trials and worker processes of a sweep, and later sweeps, reuse each other's
@@ -170,13 +174,15 @@ def inductor_options() -> dict[str, Any]:
     Inductor's C++ backend computes ``tanh`` with SLEEF's 1-ulp ``tanhf``, 2.5x the cost of its
     ``exp`` on the project's CPU; an LSTM step has three (two forward, one recomputed in backward),
     beside three sigmoids that inductor already writes with ``exp``. The exp form is what inductor
-    itself generated until PyTorch 2.7 and keeps as the switch ``cpp.use_decompose_tanh`` (off by
-    default since then because its *relative* error near 0 confused a model that fed tanh into
-    ``atan2``). Its absolute error is at most 1.8e-7 over [-12, 12], against 3e-8 for ``torch.tanh``
-    and 9e-8 for inductor's sigmoid: harmless for gates and cell outputs bounded by 1, and it
-    made compiled LSTM training steps 2–4% faster here (docs/performance.md). Setting
-    ``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH`` (0 or 1) yourself overrides this choice; the switch
-    does not exist before PyTorch 2.7, where the exp form was the only one. CUDA kernels are unaffected.
+    itself generated until early 2025 (pytorch#148254 moved to SLEEF, because its *relative* error near
+    0 confused a model that fed tanh into ``atan2``) and keeps as the switch ``cpp.use_decompose_tanh``
+    (pytorch#152542, off by default). Its absolute error is at most 1.8e-7 over [-12, 12], against
+    3e-8 for ``torch.tanh`` and 9e-8 for inductor's sigmoid: harmless for gates and cell outputs
+    bounded by 1. It made
+    compiled LSTM training steps 1–4% faster here (paired runs of single shapes: +2% and +4%; over the
+    eight LSTM rows of ``scripts/bench.py --paths adg``: median +0.015, docs/performance.md). Setting
+    ``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH`` (0 or 1) yourself overrides this choice; a PyTorch without
+    the switch gets no options. CUDA kernels are unaffected.
     """
     import torch._inductor.config as inductor_config
 
