@@ -35,6 +35,7 @@ before the step.
 
     python scripts/bench.py                      # LSTM/GRU, hidden 128/256, 1-2 layers, uni/bi
     python scripts/bench.py --quick              # LSTM, hidden 128 and 256, 1 layer
+    python scripts/bench.py --quick --cells peephole,proj,ln_lstm   # the other registry LSTMs
     python scripts/bench.py --device cuda --amp bf16 --quick
     python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
 """
@@ -58,7 +59,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from rnnsearch import build_model
+from rnnsearch import ConfigError, build_model
 from rnnsearch import compile as compiling
 from rnnsearch.cells.base import RNNCell
 
@@ -88,14 +89,35 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int
     return best
 
 
+#: The benchmarked cells: the registry cell config (sizes added), and the torch.nn module of the same size it is
+#: compared with. ``peephole``, ``proj`` and ``ln_lstm`` are the issue's "any registry cell": peephole LSTM,
+#: projected LSTM (num_proj = hidden / 2, against torch.nn.LSTM's proj_size) and the layer-norm LSTM.
+CELLS: dict[str, dict[str, Any]] = {
+    "lstm": {"name": "lstm", "forget_bias": 0.0},  # forget_bias 0: torch.nn's LSTM has none
+    "gru": {"name": "gru"},
+    "peephole": {"name": "lstm", "forget_bias": 0.0, "use_peepholes": True},
+    "proj": {"name": "lstm", "forget_bias": 0.0, "num_proj": "half"},
+    "ln_lstm": {"name": "ln_lstm", "forget_bias": 0.0},
+}
+
+
+def cell_config(kind: str, hidden: int) -> dict[str, Any]:
+    cfg = dict(CELLS[kind])
+    if cfg.get("num_proj") == "half":
+        cfg["num_proj"] = hidden // 2
+    return cfg
+
+
 class Baseline(nn.Module):
     """The hand-written reference: torch.nn recurrent module + linear head on the last step."""
 
     def __init__(self, kind: str, input_size: int, hidden: int, layers: int, bidirectional: bool) -> None:
         super().__init__()
-        cls = {"lstm": nn.LSTM, "gru": nn.GRU}[kind]
-        self.rnn = cls(input_size, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional)
-        self.head = nn.Linear(hidden * (2 if bidirectional else 1), 1)
+        cls = nn.GRU if kind == "gru" else nn.LSTM
+        proj = {"proj_size": hidden // 2} if kind == "proj" else {}
+        self.rnn = cls(input_size, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional, **proj)
+        width = hidden // 2 if proj else hidden
+        self.head = nn.Linear(width * (2 if bidirectional else 1), 1)
 
     def forward(self, x: torch.Tensor, lengths: None = None) -> torch.Tensor:
         _, h = self.rnn(x)
@@ -122,18 +144,19 @@ def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor,
 
 def make_models(kind: str, input_size: int, hidden: int, layers: int, bi: bool, paths: str,
                 chunk: int) -> dict[str, nn.Module]:
-    """The benchmarked models, same sizes (forget_bias 0: torch.nn's LSTM has none)."""
-    cfg: dict[str, Any] = {"cell": {"name": kind}, "model": {"hidden_size": hidden, "num_layers": layers,
-                                                             "bidirectional": bi, "embedding_size": 0,
-                                                             "fused": "always", "compile": "false"}}
-    if kind == "lstm":
-        cfg["cell"]["forget_bias"] = 0.0
+    """The benchmarked models, same sizes; path (b) is left out for a cell the fused path cannot run."""
+    cfg: dict[str, Any] = {"cell": cell_config(kind, hidden),
+                           "model": {"hidden_size": hidden, "num_layers": layers, "bidirectional": bi,
+                                     "embedding_size": 0, "fused": "always", "compile": "false"}}
     models: dict[str, nn.Module] = {}
     for p in paths:
         if p == "a":
             models[p] = Baseline(kind, input_size, hidden, layers, bi)
         elif p == "b":
-            models[p] = build_model(cfg, input_size, 1)
+            try:
+                models[p] = build_model(cfg, input_size, 1)
+            except ConfigError:  # model.fused=always on a stack torch.nn cannot run: no path (b)
+                pass
         else:
             models[p] = build_model({**cfg, "model": {**cfg["model"], "fused": "never"}}, input_size, 1)
             if p in "ef":  # the ablation: autograd's per-step recurrent weight gradient
@@ -164,13 +187,14 @@ def with_exact_tanh(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers: int, bi: bool) -> float:
-    """Matmul FLOPs of one training step (forward + backward ≈ 3 × forward)."""
-    gates = {"lstm": 4, "gru": 3}[kind]
+    """Matmul FLOPs of one training step of the baseline (a) (forward + backward ≈ 3 × forward)."""
+    gates = 3 if kind == "gru" else 4
+    out = hidden // 2 if kind == "proj" else hidden  # the recurrent state's width
     dirs = 2 if bi else 1
     total, width = 0.0, inp
     for _ in range(layers):
-        total += dirs * 2 * batch * steps * gates * hidden * (width + hidden)
-        width = hidden * dirs
+        total += dirs * 2 * batch * steps * (gates * hidden * (width + out) + (hidden * out if out != hidden else 0))
+        width = out * dirs
     return 3 * total
 
 
@@ -211,10 +235,10 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
           f"{peak:.1f} GFLOP/s{load}")
     print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam"
           f"{'; bf16 autocast' if amp else ''}; compiled chunk {args.chunk} steps\n")
-    grid = (itertools.product(["lstm"], [128, 256], [1], [False]) if args.quick
+    grid = (itertools.product(args.cells.split(","), [128, 256], [1], [False]) if args.quick
             else itertools.product(args.cells.split(","), [128, 256], [1, 2], [False, True]))
     paths = args.paths
-    header = f"{'cell':<5} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
+    header = f"{'cell':<8} {'H':>4} {'L':>2} {'dir':>3} | {'(a) tok/s':>10} {'GFLOP/s':>8} {'%peak':>6}"
     for p in paths[1:]:
         header += f" | {'(' + p + ') ' + PATHS[p]:>21} {'/(a) [range]':>17}"
     if "d" in paths:
@@ -232,9 +256,12 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
         t = {k: min(v) for k, v in times.items()}
         tok = {k: args.batch * args.steps / v for k, v in t.items()}
         gflops = step_flops(kind, args.batch, args.steps, args.input, hidden, layers, bi) / t["a"] / 1e9
-        line = (f"{kind:<5} {hidden:>4} {layers:>2} {'bi' if bi else 'uni':>3} | {tok['a']:>10,.0f} {gflops:>8.1f} "
+        line = (f"{kind:<8} {hidden:>4} {layers:>2} {'bi' if bi else 'uni':>3} | {tok['a']:>10,.0f} {gflops:>8.1f} "
                 f"{100 * gflops / peak:>5.0f}%")
         for p in paths[1:]:
+            if p not in times:  # (b) for a cell the fused path cannot run
+                line += f" | {'(not fusable)':>21} {'':>17}"
+                continue
             med, lo, hi = paired_ratio(times["a"], times[p])
             line += f" | {tok[p]:>21,.0f} {med:>5.2f} [{lo:.2f}-{hi:.2f}]"
         if "d" in paths:
@@ -308,8 +335,9 @@ def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[t
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="LSTM, hidden 128/256, 1 layer, unidirectional only")
-    p.add_argument("--cells", default="lstm,gru", help="cells of the full grid: lstm, gru or both")
+    p.add_argument("--quick", action="store_true", help="hidden 128/256, 1 layer, unidirectional only")
+    p.add_argument("--cells", default=None,
+                   help=f"comma-separated, of {', '.join(CELLS)} (default: lstm,gru; lstm with --quick)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
     p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdefg in order (a is required)")
@@ -336,6 +364,10 @@ def main() -> None:
     else:
         if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
             p.error("--paths must start with a and use only a, b, c, d, e, f, g")
+        args.cells = args.cells or ("lstm" if args.quick else "lstm,gru")
+        unknown = [c for c in args.cells.split(",") if c not in CELLS]
+        if unknown:
+            p.error(f"--cells: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(CELLS)}")
         if args.rounds < 1 or args.iters < 1:
             p.error(f"--rounds and --iters must be at least 1, got {args.rounds} and {args.iters}")
         speed_table(args, device, amp)
