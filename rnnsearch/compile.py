@@ -21,6 +21,12 @@ machine, paired against ``torch.nn.LSTM`` in one process, 20-step chunks ran
 0.02–0.08 faster than 10-step ones in all four shapes tried (and 5-step ones
 slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20.
 
+The inputs are projected before the loop, for the whole sequence, except for a cell that sets
+``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's route: its graph
+projects each chunk's inputs itself, so the projection's layer norm fuses with the steps' arithmetic
+(+0.05 of ``torch.nn.LSTM`` for ``ln_lstm`` at H=256, paired; +0.035 for ``gru``, too little to be worth
+its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
+
 *How* it is compiled: ``torch.compile(run_steps, dynamic=False)`` with
 :func:`inductor_options` — on CPU, tanh in inductor's exp form (cheaper than its
 SLEEF tanh, within 1.8e-7 of ``torch.tanh``).
@@ -57,7 +63,7 @@ COMPILE_MODES = ("auto", "true", "false")
 CHUNK = 20  # time steps per compiled call
 MARGIN = 1.5  # auto compiles only when the expected saving exceeds MARGIN × the expected compile time
 CACHE_ENV = "RNNSEARCH_CACHE"
-GRAPH_VERSION = 3  # bumped when what run_steps compiles changes (2: batched recurrent weight gradient; 3: tanh)
+GRAPH_VERSION = 4  # bumped when what run_steps compiles changes (2: batched weight gradient; 3: tanh; 4: projection)
 #: Environment variable of inductor's own switch for the decomposed tanh; when set, :func:`inductor_options` obeys it.
 DECOMPOSE_TANH_ENV = "TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH"
 
@@ -197,7 +203,9 @@ def cell_signature(cell: RNNCell, batch: int, dtype: torch.dtype, amp: Optional[
                    masked: bool, chunk: int = CHUNK, deferred: bool = False) -> str:
     """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call.
 
-    ``deferred``: whether the steps run ``recur_deferred`` (the batched weight gradient).
+    ``deferred``: whether the steps run ``recur_deferred`` (the batched weight gradient). Whether the
+    graph projects its inputs (``compile_projection``) is a class attribute, so ``repr(cell)``'s class
+    and input width cover it.
     """
     text = "|".join(map(str, (torch.__version__, GRAPH_VERSION, sorted(inductor_options().items()),
                               type(cell).__module__, type(cell).__qualname__, repr(cell), batch, dtype, amp,
@@ -270,10 +278,10 @@ class ChunkRunner:
         return ChunkRunner(self.chunk)
 
     def __call__(self, cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor],
-                 deferred: bool = False) -> tuple[Tensor, State]:
+                 deferred: bool = False, project: bool = False) -> tuple[Tensor, State]:
         K = self.chunk
         if self.failed or not torch.is_grad_enabled() or xp.shape[1] < K:
-            return run_steps(cell, xp, state, valid, deferred)
+            return run_steps(cell, xp, state, valid, deferred, project)
         self._sequences += 1
         if self._sequences == 2 and self.signature is not None:  # one step (forward + backward) done
             _mark_cached(self.signature)
@@ -283,44 +291,45 @@ class ChunkRunner:
         outs = []
         for i, xc in enumerate(xp.split(K, 1)):
             vc = None if vs is None else vs[i]
-            if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc, deferred)):
-                out, state = self._compiled(cell, xc, state, vc, deferred)
+            if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc, deferred,
+                                                                                       project)):
+                out, state = self._compiled(cell, xc, state, vc, deferred, project)
             else:
-                out, state = run_steps(cell, xc, state, vc, deferred)
+                out, state = run_steps(cell, xc, state, vc, deferred, project)
             outs.append(out)
         return (torch.cat(outs, 1) if len(outs) > 1 else outs[0]), state
 
     def _compiled(self, cell: RNNCell, xc: Tensor, state: State, vc: Optional[Tensor],
-                  deferred: bool) -> tuple[Tensor, State]:
+                  deferred: bool, project: bool) -> tuple[Tensor, State]:
         if self._fn is None:
             setup_cache()
             dev = xc.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk,
                                             deferred)
-            self._key = _call_key(xc, state, vc, deferred)
+            self._key = _call_key(xc, state, vc, deferred, project)
             graph = _graph_key(cell, self._key)
             if graph not in _SHARED:
                 _SHARED[graph] = torch.compile(run_steps, dynamic=False, options=inductor_options())
             self._fn = _SHARED[graph]
             try:  # the first call compiles (or finds the graph another cell compiled)
-                result = self._fn(cell, xc, state, vc, deferred)
+                result = self._fn(cell, xc, state, vc, deferred, project)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 _SHARED.pop(graph, None)
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 warnings.warn(f"torch.compile failed for {type(cell).__name__} ({self.failed}); "
                               f"this cell runs eagerly.", RuntimeWarning, stacklevel=2)
-                return run_steps(cell, xc, state, vc, deferred)
+                return run_steps(cell, xc, state, vc, deferred, project)
             self.compiled_calls += 1
             return result
         self.compiled_calls += 1
         with torch.compiler.set_stance("eager_on_recompile"):
-            return self._fn(cell, xc, state, vc, deferred)
+            return self._fn(cell, xc, state, vc, deferred, project)
 
 
-def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool) -> tuple[Any, ...]:
+def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool, project: bool) -> tuple[Any, ...]:
     dev = xc.device.type
-    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, tuple((s.shape, s.dtype) for s in state),
+    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, project, tuple((s.shape, s.dtype) for s in state),
             torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
 
 

@@ -271,6 +271,40 @@ def test_compiled_chunks_use_the_decomposed_tanh_unless_the_user_chose(monkeypat
     assert compiling.cell_signature(cell, 2, torch.float64, None, "cpu", False, 4, True) != signature
 
 
+@pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "dropout-wrapped"])
+def test_a_compile_projection_cell_projects_each_chunk_inside_the_compiled_graph(monkeypatch, cache, wrapped):
+    calls: list[tuple[int, bool]] = []
+
+    def recording(fn: Any, **kwargs: Any) -> Any:
+        def run(cell: Any, xc: Any, state: Any, vc: Any, deferred: bool, project: bool) -> Any:
+            calls.append((xc.shape[-1], project))
+            return fn(cell, xc, state, vc, deferred, project)
+        return run  # eager: the arguments the graph would get are under test
+
+    monkeypatch.setattr(torch, "compile", recording)
+    cell = {"name": "ln_lstm"}
+    model = {"hidden_size": H, "num_layers": 2, "fused": "never"}
+    if wrapped:
+        model["wrappers"] = [{"name": "dropout", "output_keep_prob": 1.0}]
+    cells = build_model({"cell": cell, "model": model}, IN, OUT).double()
+    x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64)
+    out_e, gx_e, g_e = _outputs_and_grads(cells, x, LENGTHS)
+    compiling.install(cells, chunk=4)
+    out_c, gx_c, g_c = _outputs_and_grads(cells, x, LENGTHS)
+    assert all(project for _, project in calls)
+    assert {c[0] for c in calls} == {compiling.step_cells(cells)[0].input_size, H}, "raw inputs, one width a layer"
+    assert len(calls) == 4, "two full chunks per layer; the 9th step runs eagerly"
+    assert_close(out_c, out_e, what="outputs")
+    assert_close(gx_c, gx_e, what="input gradient")
+    for name, grad in g_e.items():
+        assert_close(g_c[name], grad, what=f"grad {name}")
+    calls.clear()
+    plain = build_model({"cell": {"name": "gru"}, "model": {**model, "num_layers": 1}}, IN, OUT).double()
+    compiling.install(plain, chunk=4)
+    _outputs_and_grads(plain, x, None)
+    assert calls and all(not project and width == 3 * H for width, project in calls), "gru: projected before"
+
+
 def test_amp_bf16_trains_on_cpu():
     result = train(compose_config([*TINY, "train.amp=bf16"]))
     assert math.isfinite(result["train/loss"]) and math.isfinite(result["test/mse"])
@@ -385,6 +419,25 @@ def test_compiled_float32_lstm_matches_the_eager_loop(cache):
     assert_close(gx_c, gx_e, tol=2e-6, what="input gradient")
     for name, grad in g_e.items():
         assert_close(g_c[name], grad, tol=2e-5, what=f"grad {name}")
+
+
+@pytest.mark.slow
+def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(cache):
+    torch.manual_seed(0)
+    model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
+    cells = build_model({"cell": {"name": "ln_lstm"}, "model": model}, IN, OUT).double()
+    x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64)
+    out_e, gx_e, g_e = _outputs_and_grads(cells, x, LENGTHS)
+    compiling.install(cells, chunk=4)
+    for _ in range(2):
+        out_c, gx_c, g_c = _outputs_and_grads(cells, x, LENGTHS)
+        assert_close(out_c, out_e, what="outputs")
+        assert_close(gx_c, gx_e, what="input gradient")
+        for name, grad in g_e.items():
+            assert_close(g_c[name], grad, what=f"grad {name}")
+    runners = [c.sequence_runner for c in compiling.step_cells(cells)]
+    assert all(r.compiled_calls == 4 and not r.failed for r in runners), [r.compiled_calls for r in runners]
+    assert len({r._fn for r in runners}) == 2, "one graph per input width: layer 1's, and layer 2's both directions"
 
 
 @pytest.mark.slow

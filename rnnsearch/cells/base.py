@@ -53,6 +53,11 @@ class RNNCell(nn.Module):
     #: Further methods the batched route relies on (besides ``recur``/``recur_deferred``): a subclass
     #: that redefines any of them takes the plain loop, since its step may no longer fit the contract.
     batched_grad_methods: tuple[str, ...] = ()
+    #: Whether a compiled loop (rnnsearch.compile) projects each chunk's inputs inside its graph instead of
+    #: the whole sequence before the loop: worth it when ``project_input`` does elementwise work beyond a
+    #: matmul (``ln_lstm``'s layer norm) that then fuses with the steps'; it costs a stack one more compiled
+    #: graph (the first layer's input width differs). Ignored on the batched weight gradient's route.
+    compile_projection: bool = False
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -147,16 +152,18 @@ class RNNCell(nn.Module):
         self.start_sequence(batch, x.device, x.dtype)
         if steps == 0:
             return x.new_zeros(batch, 0, self.output_size), state
-        xp = self.project_input(x)  # (b, t, projected)
-        valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
+        valid = None if lengths is None else step_masks(lengths, steps, x.device)  # (t, b, 1)
         batched = self.batched_weights(steps)
+        runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
+        if runner is not None and batched is None and self.compile_projection:
+            # the compiled loop projects each chunk's inputs itself, fused with the steps' arithmetic
+            return runner(self, x, state, valid, project=True)
+        xp = self.project_input(x)  # (b, t, projected)
         holder = None
         if batched is not None:
             holder = Holder()
             xp = BatchedRecurrentGrad.apply(xp, batched[0], batched[1], holder)
-        # a compiled loop (rnnsearch.compile) if one is installed, else the plain one
-        runner = self.__dict__.get("sequence_runner") or run_steps
-        outputs, final = runner(self, xp, state, valid, deferred=holder is not None)
+        outputs, final = (runner or run_steps)(self, xp, state, valid, deferred=holder is not None)
         if holder is not None:
             holder.set_previous(state[0], outputs)
         return outputs, final
@@ -177,15 +184,18 @@ def _owner(cls: type, name: str) -> Optional[type]:
 
 
 def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None,
-              deferred: bool = False) -> tuple[Tensor, State]:
+              deferred: bool = False, project: bool = False) -> tuple[Tensor, State]:
     """The time loop: ``cell.recur`` over projected inputs ``xp`` ``[batch, time, projected]``.
 
     ``valid`` (``[time, batch, 1]`` bool, from :func:`step_masks`) masks padding
     the ``tf.nn.dynamic_rnn`` way: outputs past a sequence's length are zero and
     its state is carried through unchanged. Returns ``(outputs [batch, time, output_size], final_state)``.
-    ``deferred`` runs ``cell.recur_deferred`` (:mod:`rnnsearch.cells.batched_grad`) instead of ``recur``.
+    ``deferred`` runs ``cell.recur_deferred`` (:mod:`rnnsearch.cells.batched_grad`) instead of ``recur``;
+    ``project``: ``xp`` holds the raw inputs ``[batch, time, input_size]``, projected here first.
     This plain function is also what :mod:`rnnsearch.compile` compiles, a chunk of steps at a time.
     """
+    if project:
+        xp = cell.project_input(xp)
     step = cell.recur_deferred if deferred else cell.recur
     outputs = []
     for t, xp_t in enumerate(xp.unbind(1)):

@@ -35,6 +35,7 @@ class LayerNormLSTMCell(RNNCell):
     """
 
     options = ("forget_bias", "eps")
+    compile_projection = True  # the input layer norm fuses into the compiled chunk (rnnsearch.compile)
 
     def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 1.0, eps: float = 1e-5) -> None:
         super().__init__(input_size, hidden_size)

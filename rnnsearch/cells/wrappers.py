@@ -49,6 +49,10 @@ class CellWrapper(RNNCell):
         self.cell = cell
 
     @property
+    def compile_projection(self) -> bool:  # type: ignore[override]
+        return self.cell.compile_projection
+
+    @property
     def output_size(self) -> int:
         return self.cell.output_size
 
