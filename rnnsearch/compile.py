@@ -24,8 +24,8 @@ slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20
 The inputs are projected before the loop, for the whole sequence, except for a cell that sets
 ``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's route: its graph
 projects each chunk's inputs itself, so the projection's layer norm fuses with the steps' arithmetic
-(+0.05 of ``torch.nn.LSTM`` for ``ln_lstm`` at H=256, paired; +0.035 for ``gru``, too little to be worth
-its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
+(compiled ``ln_lstm`` 0.58–0.60 → 0.71–0.72 of ``torch.nn.LSTM``; +0.035 for ``gru``, paired, too little
+to be worth its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
 
 *How* it is compiled: ``torch.compile(run_steps, dynamic=False)`` with
 :func:`inductor_options` — on CPU, tanh in inductor's exp form (cheaper than its
@@ -187,14 +187,15 @@ def inductor_options() -> dict[str, Any]:
     bounded by 1. It made
     compiled LSTM training steps 1–4% faster here (paired runs of single shapes: +2% and +4%; over the
     eight LSTM rows of ``scripts/bench.py --paths adg``: median +0.015, docs/performance.md). Setting
-    ``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH`` (0 or 1) yourself overrides this choice; a PyTorch without
-    the switch gets no options. CUDA kernels are unaffected.
+    ``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH`` (0 or 1) yourself overrides this choice (read at every
+    compile, so the value is in the graph key and cache signature); a PyTorch without the switch gets no
+    options. CUDA kernels are unaffected.
     """
     import torch._inductor.config as inductor_config
 
-    if not hasattr(inductor_config.cpp, "use_decompose_tanh") or DECOMPOSE_TANH_ENV in os.environ:
+    if not hasattr(inductor_config.cpp, "use_decompose_tanh"):
         return {}
-    return {"cpp.use_decompose_tanh": True}
+    return {"cpp.use_decompose_tanh": os.environ.get(DECOMPOSE_TANH_ENV, "1") == "1"}
 
 
 # -- signatures and the warm-cache markers ------------------------------------------------------------
@@ -203,11 +204,10 @@ def cell_signature(cell: RNNCell, batch: int, dtype: torch.dtype, amp: Optional[
                    masked: bool, chunk: int = CHUNK, deferred: bool = False) -> str:
     """A key for one compiled graph: the cell (its repr has class, sizes, options, wrappers) and the call.
 
-    ``deferred``: whether the steps run ``recur_deferred`` (the batched weight gradient). Whether the
-    graph projects its inputs (``compile_projection``) is a class attribute, so ``repr(cell)``'s class
-    and input width cover it.
+    ``deferred``: whether the steps run ``recur_deferred`` (the batched weight gradient).
     """
     text = "|".join(map(str, (torch.__version__, GRAPH_VERSION, sorted(inductor_options().items()),
+                              cell.compile_projection,
                               type(cell).__module__, type(cell).__qualname__, repr(cell), batch, dtype, amp,
                               device_type, masked, chunk, cell.training, deferred)))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
@@ -241,7 +241,8 @@ _SHARED: dict[str, Any] = {}
 def _graph_key(cell: RNNCell, call_key: tuple[Any, ...]) -> str:
     """What decides the graph: every (wrapped) cell's class, width, options and mode, and the call's shapes.
 
-    The input width is left out (only the input projection uses it, outside the loop); dynamo's
+    The input width is left out (the input projection uses it, before the loop) unless the graph
+    projects its inputs itself (``project``, then the chunk's shape in ``call_key`` carries it); dynamo's
     guards still check everything, so a key that is too coarse costs a recompile, never a wrong result.
     """
     parts = [(type(m).__module__, type(m).__qualname__, getattr(m, "hidden_size", None), m.training,

@@ -266,7 +266,7 @@ def test_compiled_chunks_use_the_decomposed_tanh_unless_the_user_chose(monkeypat
     assert seen and seen[0]["options"] == {"cpp.use_decompose_tanh": True} and seen[0]["dynamic"] is False
     signature = compiling.step_cells(cells)[0].sequence_runner.signature
     monkeypatch.setenv(compiling.DECOMPOSE_TANH_ENV, "0")  # the user's own setting wins, and is another graph
-    assert compiling.inductor_options() == {}
+    assert compiling.inductor_options() == {"cpp.use_decompose_tanh": False}
     cell = compiling.step_cells(cells)[0]
     assert compiling.cell_signature(cell, 2, torch.float64, None, "cpu", False, 4, True) != signature
 
@@ -303,6 +303,10 @@ def test_a_compile_projection_cell_projects_each_chunk_inside_the_compiled_graph
     compiling.install(plain, chunk=4)
     _outputs_and_grads(plain, x, None)
     assert calls and all(not project and width == 3 * H for width, project in calls), "gru: projected before"
+    if wrapped:  # a wrapper reads and sets its cell's switch
+        outer = compiling.step_cells(cells)[0]
+        outer.compile_projection = False
+        assert outer.cell.compile_projection is False and outer.compile_projection is False
 
 
 def test_amp_bf16_trains_on_cpu():
@@ -422,14 +426,16 @@ def test_compiled_float32_lstm_matches_the_eager_loop(cache):
 
 
 @pytest.mark.slow
-def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(cache):
+def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(cache, monkeypatch):
     torch.manual_seed(0)
     model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
     cells = build_model({"cell": {"name": "ln_lstm"}, "model": model}, IN, OUT).double()
     x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64)
     out_e, gx_e, g_e = _outputs_and_grads(cells, x, LENGTHS)
     compiling.install(cells, chunk=4)
-    for _ in range(2):
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: real_stance("fail_on_recompile"))
+    for _ in range(2):  # after a runner's first chunk, a recompile (that would run eagerly) fails the test
         out_c, gx_c, g_c = _outputs_and_grads(cells, x, LENGTHS)
         assert_close(out_c, out_e, what="outputs")
         assert_close(gx_c, gx_e, what="input gradient")

@@ -280,7 +280,8 @@ def test_bad_input_is_one_clear_config_error(name, options, words):
     ([4, 5, 9], ["sequence 1 has length 5", "1..4", "2 of 3"]),
     ([[4, 4, 4]], ["1-D integer tensor", "(3)", "(1, 3)"]),
     ([4.0, 1.0, 2.0], ["1-D integer tensor", "torch.float32"]),
-], ids=["empty", "too-long", "shape", "float"])
+    ([True, True, False], ["1-D integer tensor", "torch.bool"]),
+], ids=["empty", "too-long", "shape", "float", "bool"])
 def test_a_split_with_bad_lengths_is_one_clear_error(monkeypatch, lengths, words):
     """A task's lengths are checked once, when its split is made: a bad one names the row, value and range."""
     task = make("tagging")

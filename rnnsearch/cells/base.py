@@ -152,13 +152,14 @@ class RNNCell(nn.Module):
         self.start_sequence(batch, x.device, x.dtype)
         if steps == 0:
             return x.new_zeros(batch, 0, self.output_size), state
-        valid = None if lengths is None else step_masks(lengths, steps, x.device)  # (t, b, 1)
         batched = self.batched_weights(steps)
         runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
         if runner is not None and batched is None and self.compile_projection:
             # the compiled loop projects each chunk's inputs itself, fused with the steps' arithmetic
+            valid = None if lengths is None else step_masks(lengths, steps, next(self.parameters(), x).device)
             return runner(self, x, state, valid, project=True)
         xp = self.project_input(x)  # (b, t, projected)
+        valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
         holder = None
         if batched is not None:
             holder = Holder()

@@ -54,19 +54,18 @@ class LayerNormLSTMCell(RNNCell):
     def state_size(self) -> tuple[int, ...]:
         return (self.hidden_size, self.hidden_size)
 
-    def _ln4(self, t: Tensor) -> Tensor:
-        # normalise each gate's block on its own, as in Ba et al. (the gain is applied by the caller)
+    def _ln4(self, t: Tensor, weight: Tensor) -> Tensor:
+        # normalise each gate's block on its own, as in Ba et al.
         shape = t.shape
-        return layer_norm(t.reshape(*shape[:-1], 4, self.hidden_size), (self.hidden_size,), eps=self.eps).reshape(shape)
+        t = layer_norm(t.reshape(*shape[:-1], 4, self.hidden_size), (self.hidden_size,), eps=self.eps)
+        return t.reshape(shape) * weight
 
     def project_input(self, x: Tensor) -> Tensor:
-        # normalised only: the gain and bias are applied in the step, where they fuse with the gate arithmetic
-        # instead of costing two more passes over the whole [batch, time, 4h] projection
-        return self._ln4(linear(x, self.weight_ih))  # (..., 4h)
+        return self._ln4(linear(x, self.weight_ih), self.ln_ih_weight) + self.bias  # (..., 4h)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         h, c = state
-        gates = (xp_t * self.ln_ih_weight + self.bias) + self._ln4(linear(h, self.weight_hh)) * self.ln_hh_weight
+        gates = xp_t + self._ln4(linear(h, self.weight_hh), self.ln_hh_weight)
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f + self.forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         c_norm = layer_norm(c_new, (self.hidden_size,), self.ln_c_weight, self.ln_c_bias, self.eps)

@@ -52,6 +52,10 @@ class CellWrapper(RNNCell):
     def compile_projection(self) -> bool:  # type: ignore[override]
         return self.cell.compile_projection
 
+    @compile_projection.setter
+    def compile_projection(self, value: bool) -> None:
+        self.cell.compile_projection = value
+
     @property
     def output_size(self) -> int:
         return self.cell.output_size

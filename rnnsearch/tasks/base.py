@@ -112,7 +112,8 @@ class Task:
             return batch
         lengths, rows, steps = batch.lengths, batch.x.shape[0], batch.x.shape[1]
         where = f"Task {getattr(self, 'registry_name', type(self).__name__)!r}, {split} split"
-        if lengths.dim() != 1 or lengths.shape[0] != rows or lengths.is_floating_point() or lengths.is_complex():
+        integer = not (lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool)
+        if lengths.dim() != 1 or lengths.shape[0] != rows or not integer:
             raise ValueError(f"{where}: lengths must be a 1-D integer tensor with one entry per sequence ({rows}), "
                              f"got dtype {lengths.dtype} and shape {tuple(lengths.shape)}.")
         bad = ((lengths < 1) | (lengths > steps)).nonzero().flatten()
