@@ -6,7 +6,8 @@ right function. The fused path (``torch.nn.LSTM/GRU/RNN``) is never compiled.
 *What* is compiled is the time loop (:func:`rnnsearch.cells.base.run_steps`)
 over a chunk of :data:`CHUNK` steps: one graph (forward and backward) per cell
 kind, width and options — shared by every layer and direction with those, as
-parameters are graph inputs — called ``T / CHUNK`` times per sequence. A
+parameters are graph inputs (a ``compile_projection`` cell's first layer has its
+own, below) — called ``T / CHUNK`` times per sequence. A
 shorter last chunk and any other call (a smaller last batch, a no-grad
 evaluation pass) run eagerly, so a trial compiles each cell shape once,
 whatever its sequence lengths. Measured for an LSTM (hidden 128, T=100) on the
