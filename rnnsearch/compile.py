@@ -185,9 +185,9 @@ def inductor_options() -> dict[str, Any]:
     0 confused a model that fed tanh into ``atan2``) and keeps as the switch ``cpp.use_decompose_tanh``
     (pytorch#152542, off by default). Its absolute error is at most 1.8e-7 over [-12, 12], against
     3e-8 for ``torch.tanh`` and 9e-8 for inductor's sigmoid: harmless for gates and cell outputs
-    bounded by 1. It made
-    compiled LSTM training steps 1–4% faster here (paired runs of single shapes: +2% and +4%; over the
-    eight LSTM rows of ``scripts/bench.py --paths adg``: median +0.015, docs/performance.md). Setting
+    bounded by 1. It made compiled LSTM training steps 1–4% faster here (paired runs of single shapes:
+    +2% and +4%; over the eight LSTM rows of ``scripts/bench.py --paths adg``: median +0.015,
+    docs/performance.md). Setting
     ``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH`` (0 or 1) yourself overrides this choice (read at every
     compile, so the value is in the graph key and cache signature); a PyTorch without the switch gets no
     options. CUDA kernels are unaffected.

@@ -96,16 +96,19 @@ CELLS: dict[str, dict[str, Any]] = {
     "lstm": {"name": "lstm", "forget_bias": 0.0},  # forget_bias 0: torch.nn's LSTM has none
     "gru": {"name": "gru"},
     "peephole": {"name": "lstm", "forget_bias": 0.0, "use_peepholes": True},
-    "proj": {"name": "lstm", "forget_bias": 0.0, "num_proj": "half"},
+    "proj": {"name": "lstm", "forget_bias": 0.0},  # num_proj: proj_width()
     "ln_lstm": {"name": "ln_lstm", "forget_bias": 0.0},
 }
 
 
+def proj_width(kind: str, hidden: int) -> Optional[int]:
+    """The projection width of ``proj`` (hidden / 2; torch.nn's proj_size), None for the other cells."""
+    return hidden // 2 if kind == "proj" else None
+
+
 def cell_config(kind: str, hidden: int) -> dict[str, Any]:
-    cfg = dict(CELLS[kind])
-    if cfg.get("num_proj") == "half":
-        cfg["num_proj"] = hidden // 2
-    return cfg
+    proj = proj_width(kind, hidden)
+    return {**CELLS[kind], **({"num_proj": proj} if proj else {})}
 
 
 class Baseline(nn.Module):
@@ -114,10 +117,10 @@ class Baseline(nn.Module):
     def __init__(self, kind: str, input_size: int, hidden: int, layers: int, bidirectional: bool) -> None:
         super().__init__()
         cls = nn.GRU if kind == "gru" else nn.LSTM
-        proj = {"proj_size": hidden // 2} if kind == "proj" else {}
-        self.rnn = cls(input_size, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional, **proj)
-        width = hidden // 2 if proj else hidden
-        self.head = nn.Linear(width * (2 if bidirectional else 1), 1)
+        proj = proj_width(kind, hidden)
+        self.rnn = cls(input_size, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional,
+                       **({"proj_size": proj} if proj else {}))
+        self.head = nn.Linear((proj or hidden) * (2 if bidirectional else 1), 1)
 
     def forward(self, x: torch.Tensor, lengths: None = None) -> torch.Tensor:
         _, h = self.rnn(x)
@@ -189,7 +192,7 @@ def with_exact_tanh(step: Callable[[], None]) -> Callable[[], None]:
 def step_flops(kind: str, batch: int, steps: int, inp: int, hidden: int, layers: int, bi: bool) -> float:
     """Matmul FLOPs of one training step of the baseline (a) (forward + backward ≈ 3 × forward)."""
     gates = 3 if kind == "gru" else 4
-    out = hidden // 2 if kind == "proj" else hidden  # the recurrent state's width
+    out = proj_width(kind, hidden) or hidden  # the recurrent state's width
     dirs = 2 if bi else 1
     total, width = 0.0, inp
     for _ in range(layers):
@@ -363,7 +366,7 @@ def main() -> None:
         memory_table(args, device, amp)
     else:
         if not args.paths.startswith("a") or set(args.paths) - set(PATHS):
-            p.error("--paths must start with a and use only a, b, c, d, e, f, g")
+            p.error(f"--paths must start with a and use only {', '.join(PATHS)}")
         args.cells = args.cells or ("lstm" if args.quick else "lstm,gru")
         unknown = [c for c in args.cells.split(",") if c not in CELLS]
         if unknown:
