@@ -64,7 +64,8 @@ COMPILE_MODES = ("auto", "true", "false")
 CHUNK = 20  # time steps per compiled call
 MARGIN = 1.5  # auto compiles only when the expected saving exceeds MARGIN × the expected compile time
 CACHE_ENV = "RNNSEARCH_CACHE"
-GRAPH_VERSION = 4  # bumped when what run_steps compiles changes (2: batched weight gradient; 3: tanh; 4: projection)
+GRAPH_VERSION = 5  # bumped when what run_steps compiles changes (2: batched weight gradient; 3: tanh; 4: projection;
+# 5: the slot route)
 #: Environment variable of inductor's own switch for the decomposed tanh; when set, :func:`inductor_options` obeys it.
 DECOMPOSE_TANH_ENV = "TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH"
 
@@ -280,58 +281,62 @@ class ChunkRunner:
         return ChunkRunner(self.chunk)
 
     def __call__(self, cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor],
-                 deferred: bool = False, project: bool = False) -> tuple[Tensor, State]:
+                 deferred: bool = False, project: bool = False, slot: Optional[Tensor] = None) -> tuple[Tensor, State]:
         K = self.chunk
         if self.failed or not torch.is_grad_enabled() or xp.shape[1] < K:
-            return run_steps(cell, xp, state, valid, deferred, project)
+            return run_steps(cell, xp, state, valid, deferred, project, slot)
         self._sequences += 1
         if self._sequences == 2 and self.signature is not None:  # one step (forward + backward) done
             _mark_cached(self.signature)
         # A state that needs no grad (the zero state) would be a second graph: make every chunk alike.
         state = tuple(s if s.requires_grad else s.detach().requires_grad_() for s in state)
         vs = valid.split(K, 0) if valid is not None else None
+        ss = slot.split(K, 1) if slot is not None else None
         outs = []
         for i, xc in enumerate(xp.split(K, 1)):
             vc = None if vs is None else vs[i]
+            sc = None if ss is None else ss[i]
             if xc.shape[1] == K and not self.failed and self._key in (None, _call_key(xc, state, vc, deferred,
-                                                                                       project)):
-                out, state = self._compiled(cell, xc, state, vc, deferred, project)
+                                                                                       project, sc)):
+                out, state = self._compiled(cell, xc, state, vc, deferred, project, sc)
             else:
-                out, state = run_steps(cell, xc, state, vc, deferred, project)
+                out, state = run_steps(cell, xc, state, vc, deferred, project, sc)
             outs.append(out)
         return (torch.cat(outs, 1) if len(outs) > 1 else outs[0]), state
 
     def _compiled(self, cell: RNNCell, xc: Tensor, state: State, vc: Optional[Tensor],
-                  deferred: bool, project: bool) -> tuple[Tensor, State]:
+                  deferred: bool, project: bool, sc: Optional[Tensor]) -> tuple[Tensor, State]:
         if self._fn is None:
             setup_cache()
             dev = xc.device.type
             amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             self.signature = cell_signature(cell, xc.shape[0], cell_dtype(cell), amp, dev, vc is not None, self.chunk,
                                             deferred)
-            self._key = _call_key(xc, state, vc, deferred, project)
+            self._key = _call_key(xc, state, vc, deferred, project, sc)
             graph = _graph_key(cell, self._key)
             if graph not in _SHARED:
                 _SHARED[graph] = torch.compile(run_steps, dynamic=False, options=inductor_options())
             self._fn = _SHARED[graph]
             try:  # the first call compiles (or finds the graph another cell compiled)
-                result = self._fn(cell, xc, state, vc, deferred, project)
+                result = self._fn(cell, xc, state, vc, deferred, project, sc)
             except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
                 _SHARED.pop(graph, None)
                 self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 warnings.warn(f"torch.compile failed for {type(cell).__name__} ({self.failed}); "
                               f"this cell runs eagerly.", RuntimeWarning, stacklevel=2)
-                return run_steps(cell, xc, state, vc, deferred, project)
+                return run_steps(cell, xc, state, vc, deferred, project, sc)
             self.compiled_calls += 1
             return result
         self.compiled_calls += 1
         with torch.compiler.set_stance("eager_on_recompile"):
-            return self._fn(cell, xc, state, vc, deferred, project)
+            return self._fn(cell, xc, state, vc, deferred, project, sc)
 
 
-def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool, project: bool) -> tuple[Any, ...]:
+def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool, project: bool,
+              sc: Optional[Tensor] = None) -> tuple[Any, ...]:
     dev = xc.device.type
-    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, project, tuple((s.shape, s.dtype) for s in state),
+    slot = None if sc is None else (sc.shape, sc.dtype)
+    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, project, slot, tuple((s.shape, s.dtype) for s in state),
             torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
 
 

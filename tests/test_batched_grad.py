@@ -1,7 +1,7 @@
 """The batched recurrent weight gradient (rnnsearch.cells.batched_grad) changes speed, never results.
 
-A training sequence of an ``lstm`` (any variant, peepholes, projection, clips)
-or ``rnn`` cell computes ``weight_hh``'s and ``bias_hh``'s gradients in one
+A training sequence of an ``lstm`` (any variant, peepholes, projection, clips),
+``rnn`` or ``ln_lstm`` cell computes ``weight_hh``'s and ``bias_hh``'s gradients in one
 GEMM after the loop. Each case here compares outputs and every gradient with
 the same cell stepped one ``cell(x_t, state)`` call at a time (autograd through
 ``linear`` every step), in float64, with and without per-sequence lengths.
@@ -77,6 +77,8 @@ CELLS: list[tuple[str, dict[str, Any]]] = [
     *[("lstm", {"variant": v, "use_peepholes": v != "NP"}) for v in VARIANTS if v != "vanilla"],
     ("rnn", {}),
     ("rnn", {"activation": "relu"}),
+    ("ln_lstm", {}),  # the slot route: the product is layer-normalised before it meets xp_t
+    ("ln_lstm", {"forget_bias": 0.0, "eps": 1e-3}),
 ]
 
 

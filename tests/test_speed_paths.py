@@ -215,7 +215,9 @@ def test_prepare_counts_cached_shapes_and_installs_runners(cache, no_compiling):
     steps = math.ceil(MARGIN * CPU.warm_s / CPU.saving_s / 20) + 1  # repays a warm compile, not a cold one
     cold = compiling.prepare(model, "auto", optimizer_steps=steps, **args)
     assert not cold.compile and "1 new, 0 cached" in cold.reason and "sequence_runner" not in cell.__dict__
-    compiling._mark_cached(compiling.cell_signature(cell, 16, torch.float32, None, "cpu", False))
+    deferred = cell.batched_weights(20) is not None  # ln_lstm takes the batched weight gradient's slot route
+    assert deferred
+    compiling._mark_cached(compiling.cell_signature(cell, 16, torch.float32, None, "cpu", False, deferred=deferred))
     warm = compiling.prepare(model, "auto", optimizer_steps=steps, **args)
     assert warm.compile and "0 new, 1 cached" in warm.reason
     assert isinstance(cell.sequence_runner, ChunkRunner)
@@ -274,11 +276,13 @@ def test_compiled_chunks_use_the_decomposed_tanh_unless_the_user_chose(monkeypat
 @pytest.mark.parametrize("wrapped", [False, True], ids=["bare", "dropout-wrapped"])
 def test_a_compile_projection_cell_projects_each_chunk_inside_the_compiled_graph(monkeypatch, cache, wrapped):
     calls: list[tuple[int, bool]] = []
+    routes: list[tuple[bool, bool]] = []
 
     def recording(fn: Any, **kwargs: Any) -> Any:
-        def run(cell: Any, xc: Any, state: Any, vc: Any, deferred: bool, project: bool) -> Any:
+        def run(cell: Any, xc: Any, state: Any, vc: Any, deferred: bool, project: bool, sc: Any) -> Any:
             calls.append((xc.shape[-1], project))
-            return fn(cell, xc, state, vc, deferred, project)
+            routes.append((deferred, sc is not None))
+            return fn(cell, xc, state, vc, deferred, project, sc)
         return run  # eager: the arguments the graph would get are under test
 
     monkeypatch.setattr(torch, "compile", recording)
@@ -294,6 +298,8 @@ def test_a_compile_projection_cell_projects_each_chunk_inside_the_compiled_graph
     assert all(project for _, project in calls)
     assert {c[0] for c in calls} == {compiling.step_cells(cells)[0].input_size, H}, "raw inputs, one width a layer"
     assert len(calls) == 4, "two full chunks per layer; the 9th step runs eagerly"
+    # bare, the batched weight gradient's slot route keeps the projection in the graph; a wrapper takes the plain loop
+    assert set(routes) == ({(False, False)} if wrapped else {(True, True)})
     assert_close(out_c, out_e, what="outputs")
     assert_close(gx_c, gx_e, what="input gradient")
     for name, grad in g_e.items():

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .batched_grad import BatchedRecurrentGrad, Holder, wants_batched_grad
+from .batched_grad import BatchedRecurrentGrad, Holder, wants_batched_grad, zero_slot
 
 State = tuple[Tensor, ...]
 
@@ -53,10 +53,14 @@ class RNNCell(nn.Module):
     #: Further methods the batched route relies on (besides ``recur``/``recur_deferred``): a subclass
     #: that redefines any of them takes the plain loop, since its step may no longer fit the contract.
     batched_grad_methods: tuple[str, ...] = ()
+    #: Whether the batched route passes the cell a zero slot to add to its recurrent product (a cell whose
+    #: product is not added straight to ``xp_t``, e.g. normalised first; see rnnsearch.cells.batched_grad).
+    batched_grad_slot: bool = False
     #: Whether a compiled loop (rnnsearch.compile) projects each chunk's inputs inside its graph instead of
     #: the whole sequence before the loop: worth it when ``project_input`` does elementwise work beyond a
     #: matmul (``ln_lstm``'s layer norm) that then fuses with the steps'; it costs a stack one more compiled
-    #: graph (the first layer's input width differs). Ignored on the batched weight gradient's route.
+    #: graph (the first layer's input width differs). Ignored on the batched weight gradient's ``xp`` route
+    #: (it needs the whole sequence's projection), kept on its slot route.
     compile_projection: bool = False
 
     def __init__(self, input_size: int, hidden_size: int) -> None:
@@ -116,13 +120,19 @@ class RNNCell(nn.Module):
     # output is the new ``state[0]``, returns ``(W, b)`` here and implements
     # ``recur_deferred``: the same step with W and b detached (the same arithmetic,
     # so training and no-grad passes agree to the bit). The sequence path then
-    # computes W's and b's gradients in one GEMM over all steps.
+    # computes W's and b's gradients in one GEMM over all steps. A cell that uses
+    # the product ``linear(state[0], W, b)`` any other way (W, b nowhere else) sets
+    # ``batched_grad_slot``; its ``recur_deferred(xp_t, state, slot_t)`` adds
+    # ``slot_t`` to the detached product (``batched_grad.add_slot``).
     def recurrent_weights(self) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """``(W, b)`` of the recurrent product, if this cell opts in to the batched weight gradient."""
         return None
 
     def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
-        """``recur`` with the recurrent weight and bias detached (their gradients are computed after the loop)."""
+        """``recur`` with the recurrent weight and bias detached (their gradients are computed after the loop).
+
+        A ``batched_grad_slot`` cell takes a third argument, ``slot_t``, to add to its detached product.
+        """
         raise NotImplementedError(f"{type(self).__name__} does not implement recur_deferred()")
 
     def batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
@@ -154,17 +164,20 @@ class RNNCell(nn.Module):
             return x.new_zeros(batch, 0, self.output_size), state
         batched = self.batched_weights(steps)
         runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
-        if runner is not None and batched is None and self.compile_projection:
-            # the compiled loop projects each chunk's inputs itself, fused with the steps' arithmetic
-            valid = None if lengths is None else step_masks(lengths, steps, next(self.parameters(), x).device)
-            return runner(self, x, state, valid, project=True)
-        xp = self.project_input(x)  # (b, t, projected)
-        valid = None if lengths is None else step_masks(lengths, steps, xp.device)  # (t, b, 1)
-        holder = None
+        holder = slot = None
         if batched is not None:
             holder = Holder()
+            if self.batched_grad_slot:  # the product's gradient arrives at a zero slot, not at xp
+                slot = BatchedRecurrentGrad.apply(zero_slot(x, batched[0].shape[0]), batched[0], batched[1], holder)
+        # a compiled loop may project each chunk's inputs itself, fused with the steps' arithmetic
+        project = runner is not None and self.compile_projection and (batched is None or slot is not None)
+        xp = x if project else self.project_input(x)  # (b, t, projected), or raw when projecting in the loop
+        if batched is not None and slot is None:  # the product's gradient is the projected inputs' one
             xp = BatchedRecurrentGrad.apply(xp, batched[0], batched[1], holder)
-        outputs, final = (runner or run_steps)(self, xp, state, valid, deferred=holder is not None)
+        mask_device = next(self.parameters(), x).device if project else xp.device
+        valid = None if lengths is None else step_masks(lengths, steps, mask_device)  # (t, b, 1)
+        outputs, final = (runner or run_steps)(self, xp, state, valid, deferred=holder is not None, project=project,
+                                               slot=slot)
         if holder is not None:
             holder.set_previous(state[0], outputs)
         return outputs, final
@@ -185,22 +198,24 @@ def _owner(cls: type, name: str) -> Optional[type]:
 
 
 def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None,
-              deferred: bool = False, project: bool = False) -> tuple[Tensor, State]:
+              deferred: bool = False, project: bool = False, slot: Optional[Tensor] = None) -> tuple[Tensor, State]:
     """The time loop: ``cell.recur`` over projected inputs ``xp`` ``[batch, time, projected]``.
 
     ``valid`` (``[time, batch, 1]`` bool, from :func:`step_masks`) masks padding
     the ``tf.nn.dynamic_rnn`` way: outputs past a sequence's length are zero and
     its state is carried through unchanged. Returns ``(outputs [batch, time, output_size], final_state)``.
     ``deferred`` runs ``cell.recur_deferred`` (:mod:`rnnsearch.cells.batched_grad`) instead of ``recur``;
-    ``project``: ``xp`` holds the raw inputs ``[batch, time, input_size]``, projected here first.
+    ``project``: ``xp`` holds the raw inputs ``[batch, time, input_size]``, projected here first;
+    ``slot`` ``[batch, time, rows]``: the batched route's zero slot, passed to ``recur_deferred`` step by step.
     This plain function is also what :mod:`rnnsearch.compile` compiles, a chunk of steps at a time.
     """
     if project:
         xp = cell.project_input(xp)
     step = cell.recur_deferred if deferred else cell.recur
+    slots = None if slot is None else slot.unbind(1)
     outputs = []
     for t, xp_t in enumerate(xp.unbind(1)):
-        out, new_state = step(xp_t, state)
+        out, new_state = step(xp_t, state) if slots is None else step(xp_t, state, slots[t])
         if valid is not None:
             v = valid[t]  # (b, 1)
             out = out.masked_fill(~v, 0.0)  # a select, not a product: NaN/inf padding stays out

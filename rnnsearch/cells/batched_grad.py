@@ -22,6 +22,15 @@ backward) computes ``dW = dXPᵀ H_prev`` and ``db = Σ dXP`` in one call each.
 Padding needs no care: a step past a sequence's length passes no gradient to
 its pre-activations, so those rows of ``dXP`` are zero.
 
+A cell whose product is not added straight to ``xp_t`` (``ln_lstm`` normalises
+it first: ``gates = xp_t + LN(linear(h, W))``) sets ``batched_grad_slot``: the
+sequence path then passes an all-zero *slot* ``[batch, time, rows]`` through
+:class:`BatchedRecurrentGrad` instead of ``xp``, and the cell's
+``recur_deferred(xp_t, state, slot_t)`` adds ``slot_t`` to its detached
+product (:func:`add_slot`; adding zero changes no bit). The slot's gradient is
+then exactly ``dR_t``, the gradient of the product, whatever the cell does
+with it afterwards, and ``dW = dSlotᵀ H_prev`` as before.
+
 Limits: the gradient is first-order only (double backward, e.g. a gradient
 penalty, raises), and the initial state and the outputs must not be changed in
 place before backward (that raises too). ``cell.batched_weight_grad = False``
@@ -85,6 +94,16 @@ class BatchedRecurrentGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return grad, d_weight, d_bias, None
+
+
+def zero_slot(like: Tensor, rows: int) -> Tensor:
+    """``[batch, time, rows]`` zeros for the slot route, of ``like``'s batch, time, dtype and device (no memory)."""
+    return like.new_zeros(()).expand(like.shape[0], like.shape[1], rows)
+
+
+def add_slot(product: Tensor, slot_t: Optional[Tensor]) -> Tensor:
+    """``product + slot_t`` (the slot route's step), or ``product`` alone outside it."""
+    return product if slot_t is None else product + slot_t.to(product.dtype)
 
 
 def wants_batched_grad(weight: Tensor, bias: Optional[Tensor], steps: int) -> bool:

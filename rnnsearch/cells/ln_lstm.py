@@ -13,11 +13,14 @@ Each gate block is normalised on its own, as in TF contrib's ``LayerNormBasicLST
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import layer_norm, linear
 
 from .base import RNNCell, State
+from .batched_grad import add_slot
 from .functional import init_uniform_
 from .lstm import check_forget_bias
 from .registry import register_cell
@@ -36,6 +39,8 @@ class LayerNormLSTMCell(RNNCell):
 
     options = ("forget_bias", "eps")
     compile_projection = True  # the input layer norm fuses into the compiled chunk (rnnsearch.compile)
+    batched_grad_slot = True  # weight_hh's gradient in one GEMM per sequence (rnnsearch.cells.batched_grad)
+    batched_grad_methods = ("_step", "_ln4")
 
     def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 1.0, eps: float = 1e-5) -> None:
         super().__init__(input_size, hidden_size)
@@ -64,8 +69,17 @@ class LayerNormLSTMCell(RNNCell):
         return self._ln4(linear(x, self.weight_ih), self.ln_ih_weight) + self.bias  # (..., 4h)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+        return self._step(xp_t, state, self.weight_hh, None)
+
+    def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
+        return self.weight_hh, None
+
+    def recur_deferred(self, xp_t: Tensor, state: State, slot_t: Optional[Tensor] = None) -> tuple[Tensor, State]:
+        return self._step(xp_t, state, self.weight_hh.detach(), slot_t)
+
+    def _step(self, xp_t: Tensor, state: State, weight_hh: Tensor, slot_t: Optional[Tensor]) -> tuple[Tensor, State]:
         h, c = state
-        gates = xp_t + self._ln4(linear(h, self.weight_hh), self.ln_hh_weight)
+        gates = xp_t + self._ln4(add_slot(linear(h, weight_hh), slot_t), self.ln_hh_weight)
         i, f, g, o = gates.chunk(4, 1)
         c_new = torch.sigmoid(f + self.forget_bias) * c + torch.sigmoid(i) * torch.tanh(g)
         c_norm = layer_norm(c_new, (self.hidden_size,), self.ln_c_weight, self.ln_c_bias, self.eps)
