@@ -23,8 +23,8 @@ machine, paired against ``torch.nn.LSTM`` in one process, 20-step chunks ran
 slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20.
 
 The inputs are projected before the loop, for the whole sequence, except for a cell that sets
-``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's route: its graph
-projects each chunk's inputs itself, so the projection's layer norm fuses with the steps' arithmetic
+``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's ``xp`` route (which
+needs the whole sequence's projection; its slot route does not): its graph projects each chunk's inputs itself, so the projection's layer norm fuses with the steps' arithmetic
 (compiled ``ln_lstm`` 0.58–0.60 → 0.71–0.72 of ``torch.nn.LSTM``; +0.035 for ``gru``, paired, too little
 to be worth its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
 

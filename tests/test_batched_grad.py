@@ -210,8 +210,9 @@ def test_double_backward_needs_the_switch_off():
     assert torch.isfinite(cell.weight_hh.grad).all() and cell.weight_hh.grad.abs().sum() > 0
 
 
-def test_bf16_autocast_gives_float32_gradients_close_to_the_stepwise_ones():
-    cell = create_cell("lstm", I, H, num_proj=4)
+@pytest.mark.parametrize("name,options", [("lstm", {"num_proj": 4}), ("ln_lstm", {})], ids=["lstm", "ln_lstm"])
+def test_bf16_autocast_gives_float32_gradients_close_to_the_stepwise_ones(name, options):
+    cell = create_cell(name, I, H, **options)
     x = torch.randn(B, T, I)
 
     def run(fn):
@@ -220,7 +221,7 @@ def test_bf16_autocast_gives_float32_gradients_close_to_the_stepwise_ones():
 
     out_s, g_s, _ = run(_stepwise)
     out_b, g_b, _ = run(_sequence)
-    assert out_b.dtype == torch.bfloat16
+    assert out_b.dtype == out_s.dtype == (torch.bfloat16 if name == "lstm" else torch.float32)  # ln_lstm: LN in fp32
     for k in g_s:
         assert g_b[k].dtype == torch.float32, k
         scale = g_s[k].abs().max().item()

@@ -437,7 +437,11 @@ def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(ca
     model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
     cells = build_model({"cell": {"name": "ln_lstm"}, "model": model}, IN, OUT).double()
     x = torch.randn(len(LENGTHS), 9, IN, dtype=torch.float64)
+    for cell in compiling.step_cells(cells):  # the reference: autograd's per-step recurrent weight gradient
+        cell.batched_weight_grad = False
     out_e, gx_e, g_e = _outputs_and_grads(cells, x, LENGTHS)
+    for cell in compiling.step_cells(cells):  # compiled: the batched gradient's slot route, inside the graphs
+        cell.batched_weight_grad = True
     compiling.install(cells, chunk=4)
     real_stance = torch.compiler.set_stance
     monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: real_stance("fail_on_recompile"))
@@ -449,6 +453,7 @@ def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(ca
             assert_close(g_c[name], grad, what=f"grad {name}")
     runners = [c.sequence_runner for c in compiling.step_cells(cells)]
     assert all(r.compiled_calls == 4 and not r.failed for r in runners), [r.compiled_calls for r in runners]
+    assert all(r._key[4:6] == (True, True) for r in runners), "compiled graphs: deferred steps, raw inputs"
     assert len({r._fn for r in runners}) == 2, "one graph per input width: layer 1's, and layer 2's both directions"
 
 
