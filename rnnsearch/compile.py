@@ -24,7 +24,8 @@ slower), for 31–38 s of cold compile instead of 28 s; hence :data:`CHUNK` = 20
 
 The inputs are projected before the loop, for the whole sequence, except for a cell that sets
 ``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's ``xp`` route (which
-needs the whole sequence's projection; its slot route does not): its graph projects each chunk's inputs itself, so the projection's layer norm fuses with the steps' arithmetic
+needs the whole sequence's projection; its slot route does not): its graph projects each chunk's inputs
+itself, so the projection's layer norm fuses with the steps' arithmetic
 (compiled ``ln_lstm`` 0.58–0.60 → 0.71–0.72 of ``torch.nn.LSTM``; +0.035 for ``gru``, paired, too little
 to be worth its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
 
@@ -336,7 +337,8 @@ def _call_key(xc: Tensor, state: State, vc: Optional[Tensor], deferred: bool, pr
               sc: Optional[Tensor] = None) -> tuple[Any, ...]:
     dev = xc.device.type
     slot = None if sc is None else (sc.shape, sc.dtype)
-    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, project, slot, tuple((s.shape, s.dtype) for s in state),
+    states = tuple((s.shape, s.dtype) for s in state)
+    return (xc.shape, xc.dtype, xc.device, vc is None, deferred, project, slot, states,
             torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev))
 
 

@@ -1,8 +1,8 @@
 """The batched recurrent weight gradient (rnnsearch.cells.batched_grad) changes speed, never results.
 
 A training sequence of an ``lstm`` (any variant, peepholes, projection, clips),
-``rnn`` or ``ln_lstm`` cell computes ``weight_hh``'s and ``bias_hh``'s gradients in one
-GEMM after the loop. Each case here compares outputs and every gradient with
+``rnn`` or ``ln_lstm`` cell computes ``weight_hh``'s (and ``bias_hh``'s, which ``ln_lstm`` lacks)
+gradients in one GEMM after the loop. Each case here compares outputs and every gradient with
 the same cell stepped one ``cell(x_t, state)`` call at a time (autograd through
 ``linear`` every step), in float64, with and without per-sequence lengths.
 """
@@ -163,8 +163,9 @@ def test_a_subclass_that_redefines_what_recur_deferred_uses_gets_the_plain_loop(
         assert_close(g_b[k], g_s[k], what=f"grad {k}")
 
 
-def test_a_broadcast_initial_state_works():
-    cell = create_cell("lstm", I, H).double()
+@pytest.mark.parametrize("name", ["lstm", "ln_lstm"])
+def test_a_broadcast_initial_state_works(name):
+    cell = create_cell(name, I, H).double()
     h0 = torch.randn(1, H, dtype=torch.float64, requires_grad=True)  # e.g. a learned initial state
     c0 = torch.zeros(1, H, dtype=torch.float64)
     x = torch.randn(B, T, I, dtype=torch.float64)
@@ -176,8 +177,9 @@ def test_a_broadcast_initial_state_works():
         out, _ = cell.forward_sequence(x, (h0, c0))
         assert _uses_batched_grad(out) == batched
         out.pow(2).sum().backward()
-        grads.append((cell.weight_hh.grad.clone(), cell.bias_hh.grad.clone(), h0.grad.clone()))
-    for a, b, what in zip(*grads, ("weight_hh", "bias_hh", "h0")):
+        bias = cell.bias_hh if name == "lstm" else cell.bias  # ln_lstm has one bias, on the input side
+        grads.append((cell.weight_hh.grad.clone(), bias.grad.clone(), h0.grad.clone()))
+    for a, b, what in zip(*grads, ("weight_hh", "bias", "h0")):
         assert_close(a, b, what=f"grad {what}")
 
 
@@ -193,14 +195,22 @@ def test_changing_what_the_weight_gradient_needs_in_place_is_a_clear_error(what)
         loss.backward()
 
 
-def test_double_backward_needs_the_switch_off():
-    """A gradient penalty differentiates the gradient: the batched route refuses, the plain one gives it."""
-    cell = create_cell("lstm", I, H).double()
+@pytest.mark.parametrize("wrt", ["inputs", "initial state"])
+@pytest.mark.parametrize("name", ["lstm", "ln_lstm"])
+def test_double_backward_needs_the_switch_off(name, wrt):
+    """A gradient penalty differentiates the gradient: the batched route refuses, the plain one gives it.
+
+    The steps' ``dh = dpre W`` use a detached ``W``, so a penalty on any gradient through the loop (the
+    inputs', or the initial state's, which never meets ``xp`` or the slot) would miss W's terms if it ran.
+    """
+    cell = create_cell(name, I, H).double()
     x = torch.randn(B, T, I, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(B, H, dtype=torch.float64, requires_grad=True)
 
     def penalty():
-        (gx,) = torch.autograd.grad(cell.forward_sequence(x)[0].pow(2).sum(), x, create_graph=True)
-        return gx.pow(2).sum()
+        out = cell.forward_sequence(x, (h0, torch.zeros_like(h0)))[0]
+        (g,) = torch.autograd.grad(out.pow(2).sum(), x if wrt == "inputs" else h0, create_graph=True)
+        return g.pow(2).sum()
 
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         penalty().backward()
@@ -208,6 +218,23 @@ def test_double_backward_needs_the_switch_off():
     cell.zero_grad(set_to_none=True)
     penalty().backward()
     assert torch.isfinite(cell.weight_hh.grad).all() and cell.weight_hh.grad.abs().sum() > 0
+
+
+def test_the_slot_route_is_the_class_contract_not_an_instance_switch():
+    """Setting ``batched_grad_slot`` off on an ln_lstm (instance or subclass) must not send it down the xp route."""
+    from rnnsearch.cells.ln_lstm import LayerNormLSTMCell
+
+    class NoSlot(LayerNormLSTMCell):
+        batched_grad_slot = False  # a user's mistake: the class's recur_deferred still takes a slot
+
+    x = torch.randn(B, T, I, dtype=torch.float64)
+    for cell in (create_cell("ln_lstm", I, H).double(), NoSlot(I, H).double()):
+        cell.batched_grad_slot = False
+        _, g_s, _ = _grads(cell, _stepwise, x, LENGTHS)
+        out_b, g_b, _ = _grads(cell, _sequence, x, LENGTHS)
+        assert _uses_batched_grad(_sequence(cell, x, LENGTHS)[0])
+        for k in g_s:
+            assert_close(g_b[k], g_s[k], what=f"grad {k}")
 
 
 @pytest.mark.parametrize("name,options", [("lstm", {"num_proj": 4}), ("ln_lstm", {})], ids=["lstm", "ln_lstm"])

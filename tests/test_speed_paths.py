@@ -453,7 +453,9 @@ def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(ca
             assert_close(g_c[name], grad, what=f"grad {name}")
     runners = [c.sequence_runner for c in compiling.step_cells(cells)]
     assert all(r.compiled_calls == 4 and not r.failed for r in runners), [r.compiled_calls for r in runners]
-    assert all(r._key[4:6] == (True, True) for r in runners), "compiled graphs: deferred steps, raw inputs"
+    for r in runners:  # _call_key: (..., deferred, project, slot, ...)
+        deferred, project, slot = r._key[4:7]
+        assert deferred and project and slot is not None, "compiled graphs: deferred steps, raw inputs, a slot"
     assert len({r._fn for r in runners}) == 2, "one graph per input width: layer 1's, and layer 2's both directions"
 
 

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .batched_grad import BatchedRecurrentGrad, Holder, wants_batched_grad, zero_slot
+from .batched_grad import BatchedRecurrentGrad, FirstOrderOnly, Holder, wants_batched_grad, zero_slot
 
 State = tuple[Tensor, ...]
 
@@ -55,6 +55,8 @@ class RNNCell(nn.Module):
     batched_grad_methods: tuple[str, ...] = ()
     #: Whether the batched route passes the cell a zero slot to add to its recurrent product (a cell whose
     #: product is not added straight to ``xp_t``, e.g. normalised first; see rnnsearch.cells.batched_grad).
+    #: Part of ``recur_deferred``'s contract, not a switch: read from the class that defines
+    #: ``recur_deferred`` (use ``batched_weight_grad`` to turn the batched route off).
     batched_grad_slot: bool = False
     #: Whether a compiled loop (rnnsearch.compile) projects each chunk's inputs inside its graph instead of
     #: the whole sequence before the loop: worth it when ``project_input`` does elementwise work beyond a
@@ -121,17 +123,18 @@ class RNNCell(nn.Module):
     # ``recur_deferred``: the same step with W and b detached (the same arithmetic,
     # so training and no-grad passes agree to the bit). The sequence path then
     # computes W's and b's gradients in one GEMM over all steps. A cell that uses
-    # the product ``linear(state[0], W, b)`` any other way (W, b nowhere else) sets
-    # ``batched_grad_slot``; its ``recur_deferred(xp_t, state, slot_t)`` adds
-    # ``slot_t`` to the detached product (``batched_grad.add_slot``).
+    # the product ``linear(state[0], W, b)`` any other way (still W, b nowhere
+    # else, and still its output the new ``state[0]``) sets ``batched_grad_slot``;
+    # its ``recur_deferred(xp_t, state, slot_t)`` adds ``slot_t`` to the detached
+    # product (``batched_grad.add_slot``).
     def recurrent_weights(self) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """``(W, b)`` of the recurrent product, if this cell opts in to the batched weight gradient."""
         return None
 
-    def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+    def recur_deferred(self, xp_t: Tensor, state: State, slot_t: Optional[Tensor] = None) -> tuple[Tensor, State]:
         """``recur`` with the recurrent weight and bias detached (their gradients are computed after the loop).
 
-        A ``batched_grad_slot`` cell takes a third argument, ``slot_t``, to add to its detached product.
+        ``slot_t`` is passed to a ``batched_grad_slot`` cell only, to add to its detached product.
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement recur_deferred()")
 
@@ -167,7 +170,8 @@ class RNNCell(nn.Module):
         holder = slot = None
         if batched is not None:
             holder = Holder()
-            if self.batched_grad_slot:  # the product's gradient arrives at a zero slot, not at xp
+            # the product's gradient arrives at a zero slot, not at xp (fixed by the class's recur_deferred)
+            if getattr(_owner(type(self), "recur_deferred"), "batched_grad_slot", False):
                 slot = BatchedRecurrentGrad.apply(zero_slot(x, batched[0].shape[0]), batched[0], batched[1], holder)
         # a compiled loop may project each chunk's inputs itself, fused with the steps' arithmetic
         project = runner is not None and self.compile_projection and (batched is None or slot is not None)
@@ -180,6 +184,8 @@ class RNNCell(nn.Module):
                                                slot=slot)
         if holder is not None:
             holder.set_previous(state[0], outputs)
+            outputs, *rest = FirstOrderOnly.apply(outputs, *final)  # a gradient penalty raises, never misleads
+            final = tuple(rest)
         return outputs, final
 
     def extra_repr(self) -> str:

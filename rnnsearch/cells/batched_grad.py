@@ -24,16 +24,20 @@ its pre-activations, so those rows of ``dXP`` are zero.
 
 A cell whose product is not added straight to ``xp_t`` (``ln_lstm`` normalises
 it first: ``gates = xp_t + LN(linear(h, W))``) sets ``batched_grad_slot``: the
-sequence path then passes an all-zero *slot* ``[batch, time, rows]`` through
+sequence path then passes an all-zero *slot* ``[batch, time, rows]`` (a broadcast
+scalar: no memory forward; its gradient, like ``dXP``, is dense) through
 :class:`BatchedRecurrentGrad` instead of ``xp``, and the cell's
 ``recur_deferred(xp_t, state, slot_t)`` adds ``slot_t`` to its detached
 product (:func:`add_slot`; adding zero changes no bit). The slot's gradient is
 then exactly ``dR_t``, the gradient of the product, whatever the cell does
 with it afterwards, and ``dW = dSlotᵀ H_prev`` as before.
 
-Limits: the gradient is first-order only (double backward, e.g. a gradient
-penalty, raises), and the initial state and the outputs must not be changed in
-place before backward (that raises too). ``cell.batched_weight_grad = False``
+Limits: the gradient is first-order only. The steps' ``dh_{t-1} = dpre_t W`` use
+a detached ``W``, so a second derivative (a gradient penalty) would silently
+miss ``W``'s terms: the sequence's outputs and final state pass through
+:class:`FirstOrderOnly`, and differentiating any gradient that flowed through
+them raises. The initial state and the outputs must not be changed in place
+before backward (that raises too). ``cell.batched_weight_grad = False``
 gives plain per-step autograd for either.
 """
 
@@ -94,6 +98,19 @@ class BatchedRecurrentGrad(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             d_bias = g.sum(0).to(ctx.bias_dtype)
         return grad, d_weight, d_bias, None
+
+
+class FirstOrderOnly(torch.autograd.Function):
+    """Identity on a sequence's outputs and final state whose backward refuses to be differentiated again."""
+
+    @staticmethod
+    def forward(ctx: Any, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grads: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+        return grads
 
 
 def zero_slot(like: Tensor, rows: int) -> Tensor:

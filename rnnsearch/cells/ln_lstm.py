@@ -40,7 +40,7 @@ class LayerNormLSTMCell(RNNCell):
     options = ("forget_bias", "eps")
     compile_projection = True  # the input layer norm fuses into the compiled chunk (rnnsearch.compile)
     batched_grad_slot = True  # weight_hh's gradient in one GEMM per sequence (rnnsearch.cells.batched_grad)
-    batched_grad_methods = ("_step", "_ln4")
+    batched_grad_methods = ("_step",)  # whatever follows the product (_ln4 too), the slot route holds
 
     def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 1.0, eps: float = 1e-5) -> None:
         super().__init__(input_size, hidden_size)

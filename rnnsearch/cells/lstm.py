@@ -135,7 +135,7 @@ class LSTMCell(RNNCell):
     def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.weight_hh, self.bias_hh
 
-    def recur_deferred(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
+    def recur_deferred(self, xp_t: Tensor, state: State, slot_t: Optional[Tensor] = None) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh.detach(), self.bias_hh.detach())
 
     def _step(self, xp_t: Tensor, state: State, weight_hh: Tensor, bias_hh: Optional[Tensor]) -> tuple[Tensor, State]:
