@@ -8,7 +8,9 @@ state once more before the output activation::
     h' = σ(o)·tanh(LN_c(c'))
 
 Each gate block is normalised on its own, as in TF contrib's ``LayerNormBasicLSTMCell``
-(whose built-in dropout is left to the ``dropout`` wrapper).
+(whose built-in dropout is left to the ``dropout`` wrapper). A training sequence computes
+``weight_hh``'s gradient in one GEMM after the loop, through the batched gradient's slot route
+(:mod:`rnnsearch.cells.batched_grad`).
 """
 
 from __future__ import annotations
