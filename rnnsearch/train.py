@@ -28,7 +28,7 @@ from rnnsearch.callbacks import Callback, StopTraining, TrainingDiverged
 from rnnsearch.errors import ConfigError, check_positive_int, choice_error
 from rnnsearch.model import build_model, count_parameters
 from rnnsearch.tasks import Task, create_task
-from rnnsearch.tasks.base import Batch
+from rnnsearch.tasks.base import Batch, check_direction
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 AMP_MODES = ("false", "bf16")
@@ -176,10 +176,11 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
     for epoch in range(1, epochs + 1):
         model.train()
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
+        loss_sum = torch.zeros((), device=device)  # Σ batch loss × its weight (task.loss_weight): a per-example mean
+        weight = torch.zeros((), device=device)
+        host_weight = 0
         tokens = torch.zeros((), device=device, dtype=torch.long)  # counted on the device only without CPU lengths
         host_tokens = 0
-        n_batches = 0
         for batch in task.batches("train", batch_size, device, shuffle=True, generator=shuffle_gen):
             optimizer.zero_grad(set_to_none=True)
             with _autocast(device, amp):
@@ -189,19 +190,24 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
             if clip:
                 nn.utils.clip_grad_norm_(model.parameters(), float(clip))
             optimizer.step()
-            loss_sum += loss.detach()
+            w = task.loss_weight(batch)
+            loss_sum += loss.detach() * w
+            if isinstance(w, torch.Tensor):
+                weight += w
+            else:
+                host_weight += w
             if batch.lengths is None:
                 host_tokens += batch.x.shape[0] * batch.x.shape[1]  # no device op (torch.tensor(n, device) would sync)
             elif batch.cpu_lengths is not None:
                 host_tokens += int(batch.cpu_lengths.sum())
             else:
                 tokens += batch.tokens()
-            n_batches += 1
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 stopped = "max_steps"
                 break
-        train_loss, n_tokens = torch.stack([loss_sum / max(n_batches, 1), tokens.to(loss_sum.dtype)]).tolist()
+        total, weight_sum, n_tokens = torch.stack([loss_sum, weight, tokens.to(loss_sum.dtype)]).tolist()
+        train_loss = total / max(weight_sum + host_weight, 1.0)
         n_tokens += host_tokens
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(train_loss):
@@ -249,6 +255,7 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     seed = int(cfg.get("seed", 0))
     device = resolve_device(cfg.get("device", "auto"))
     task = create_task(cfg["task"])
+    check_direction(task, cfg.get("model"))
     torch.manual_seed(seed)
     model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,
                         token_input=task.token_input).to(device)

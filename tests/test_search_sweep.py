@@ -206,3 +206,20 @@ def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
         sweep(sweep_cfg(tmp_path, "sweep.pruner=asha"))
     assert not (tmp_path / "test.journal").exists() or not load(tmp_path).trials
 
+
+
+def test_a_causal_task_never_samples_a_bidirectional_model(tmp_path: Path) -> None:
+    """arithmetic's targets are the next steps' inputs: a bidirectional trial would read the answers."""
+    from rnnsearch.errors import ConfigError
+
+    task = ["task=arithmetic", "~sweep.overrides.task.seq_len", "+sweep.overrides.task.max_digits=1", "+sweep.overrides.task.max_distractors=0",
+            "sweep.n_trials=4", "sweep.sampler=random", "sweep.pruner=none",
+            "sweep.params.model.bidirectional=choice(false,true)"]
+    _, text = sweep(sweep_cfg(tmp_path, *task))
+    assert "model.bidirectional is searched over [False] only" in text
+    trials = load(tmp_path).trials
+    assert len(trials) == 4 and all(t.params.get("model.bidirectional") is False for t in trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get("reason") for t in trials]
+    with pytest.raises(ConfigError, match="model.bidirectional=true cannot be used with task 'arithmetic'"):
+        sweep(sweep_cfg(tmp_path / "fixed", *task[:-1], "~sweep.params.model.bidirectional",
+                        "+sweep.overrides.model.bidirectional=true"))

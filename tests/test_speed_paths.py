@@ -460,6 +460,25 @@ def test_compiled_ln_lstm_projecting_inside_its_graphs_matches_the_eager_loop(ca
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("cell,dtype", [("gru", torch.float32), ("lstm", torch.float64)])
+def test_compiled_zoneout_in_training_draws_its_masks_before_using_them(cell, dtype, cache):
+    """An in-place bernoulli_ on a fresh buffer ran after the compiled kernel that read it: NaN everywhere."""
+    torch.manual_seed(0)
+    model = {"hidden_size": H, "num_layers": 1, "fused": "never",
+             "wrappers": [{"name": "zoneout", "h_prob": 0.5, "c_prob": 0.5}]}
+    cells = build_model({"cell": {"name": cell}, "model": model}, IN, OUT).to(dtype)
+    cells.per_step = True
+    x = torch.randn(len(LENGTHS), 6, IN, dtype=dtype)
+    compiling.install(cells, chunk=2)
+    for _ in range(2):
+        out, gx, grads = _outputs_and_grads(cells, x, None)
+        assert torch.isfinite(out).all() and torch.isfinite(gx).all()
+        assert all(torch.isfinite(g).all() for g in grads.values()), "gradients"
+    runner = compiling.step_cells(cells)[0].sequence_runner
+    assert runner.compiled_calls >= 6 and not runner.failed
+
+
+@pytest.mark.slow
 def test_training_with_compile_true_uses_the_compiled_loop(cache):
     class Seen(Callback):
         def on_train_begin(self, info: dict[str, Any]) -> None:

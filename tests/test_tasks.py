@@ -11,6 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from conftest import compose_config
 from rnnsearch.errors import ConfigError
 from rnnsearch.model import build_model
 from rnnsearch.registry import accepted_options
@@ -342,3 +343,27 @@ def test_bidirectional_lstm_wins_tagging():
 def test_lstm_learns_one_digit_arithmetic():
     r = run({"name": "arithmetic", "max_digits": 1, "train_size": 2000, "val_size": 200, "test_size": 200}, epochs=10)
     assert r["test/accuracy"] > 0.5  # baseline ~0.05
+
+
+def test_causal_tasks_are_the_ones_whose_targets_are_later_inputs():
+    """The flag that keeps bidirectional models off a task must match what the task's data really is."""
+    from rnnsearch.tasks import TASKS
+
+    for name in ("adding", "copy", "tagging", "arithmetic"):
+        task = make(name)
+        b = task.split("train")
+        causal = False
+        if b.x.dim() == 2 and b.y.dim() == 2 and b.mask is not None:  # per-step token targets
+            inner = b.mask[:, :-1]  # scored steps that have a next input inside their sequence
+            if b.lengths is not None:
+                inner = inner & (torch.arange(1, b.x.shape[1]) < b.lengths.unsqueeze(1))
+            causal = bool(inner.any()) and bool((b.y[:, :-1][inner] == b.x[:, 1:][inner]).all())
+        assert TASKS.get(name).causal == causal, name
+    assert TASKS.get("chorales").causal  # its inputs are the previous step's targets (needs music21's corpus)
+
+
+def test_training_a_bidirectional_model_on_a_causal_task_is_a_clear_error():
+    from rnnsearch import ConfigError, train
+
+    with pytest.raises(ConfigError, match="bidirectional=true cannot be used with task 'arithmetic'.*adding"):
+        train(compose_config(["task=arithmetic", "model.bidirectional=true", "device=cpu", "tracking=none"]))

@@ -137,3 +137,25 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="auto, cpu, cuda, cuda:N"):
         resolve_device("gpu0")
+
+
+@pytest.mark.parametrize("task", ["adding", "tagging"])
+def test_the_training_loss_is_a_mean_over_examples_not_over_batches(task):
+    """70 examples in batches of 64 and 6 (tagging: a different number of scored steps per batch too)."""
+    from rnnsearch.train import _lengths
+
+    class Reference(Callback):
+        def on_train_begin(self, info: dict[str, Any]) -> None:  # the loss of the whole split, before any step
+            model, t = info["model"], info["task"]
+            b = t.split("train")
+            with torch.no_grad():
+                self.loss = t.loss(model(b.x, _lengths(model, b)).float(), b).item()
+
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            self.train_loss = metrics["train/loss"]
+
+    ref = Reference()
+    extra = ["task.min_len=5"] if task == "tagging" else []
+    train(compose_config([*TINY, f"task={task}", "task.train_size=70", "train.batch_size=64", "optim.lr=1e-12",
+                          *extra]), callbacks=[ref])  # weights fixed: the epoch's loss is the split's
+    assert ref.train_loss == pytest.approx(ref.loss, rel=1e-5)

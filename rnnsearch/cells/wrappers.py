@@ -80,7 +80,7 @@ class CellWrapper(RNNCell):
 
 def _mask(shape: tuple[int, ...], keep: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Inverted-dropout mask: 1/keep with probability keep, else 0."""
-    return torch.empty(shape, device=device, dtype=dtype).bernoulli_(keep) / keep
+    return (torch.rand(shape, device=device) < keep).to(dtype) / keep  # out of place: see ZoneoutWrapper._zone
 
 
 @register_wrapper("dropout")
@@ -246,7 +246,9 @@ class ZoneoutWrapper(CellWrapper):
         if p == 0.0:
             return new
         if self.training:
-            keep_old = torch.empty_like(new).bernoulli_(p)
+            # drawn out of place: torch.compile (2.13, CPU) ran an in-place bernoulli_ on a fresh buffer after the
+            # kernel that read it, giving NaN; a comparison with uniform noise compiles correctly
+            keep_old = (torch.rand_like(new, dtype=torch.float32) < p).to(new.dtype)
             return torch.lerp(new, old, keep_old)
         return torch.lerp(new, old, p)
 

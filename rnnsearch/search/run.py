@@ -16,6 +16,7 @@ import sys
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any, Optional, TextIO
 
 from omegaconf import OmegaConf
@@ -77,6 +78,25 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
             print(f"note: sweep.enqueue entry {i} skipped: {', '.join(outside)} outside the search space.", file=out)
             continue
         result.append(flat)
+    return result
+
+
+def _forward_only(space: list[Param], task: str, out: TextIO) -> list[Param]:
+    """A causal task's space without ``model.bidirectional=true`` (a backward direction would read the targets)."""
+    from optuna.distributions import CategoricalDistribution
+
+    result = []
+    for p in space:
+        if p.key == "model.bidirectional" and not p.fixed and True in getattr(p.dist, "choices", ()):
+            choices = tuple(c for c in p.dist.choices if c is not True)
+            if not choices:
+                raise ConfigError(f"sweep.params.model.bidirectional={p.text or 'choice(true)'} leaves nothing "
+                                  f"to search on task '{task}', which refuses bidirectional models (its targets "
+                                  f"are the next steps' inputs); use choice(false) or drop the key.")
+            print(f"note: task '{task}' predicts the next step from the ones before it (a backward direction "
+                  f"would read the targets): model.bidirectional is searched over {list(choices)} only.", file=out)
+            p = replace(p, dist=CategoricalDistribution(choices))
+        result.append(p)
     return result
 
 
@@ -194,8 +214,12 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
 
     first = compose_trial(base, [], replay({}), group_options, fixed)  # base + sweep.overrides
     from rnnsearch.tasks import TASKS
+    from rnnsearch.tasks.base import check_direction
 
     task_cls = TASKS.get(first.cfg["task"]["name"])
+    check_direction(task_cls, first.cfg.get("model"))  # bidirectional fixed by the overrides: stop before starting
+    if task_cls.causal:
+        space = _forward_only(space, task_cls.registry_name, out)
     objectives, directions = objectives_and_directions(settings, task_cls.metric, task_cls.direction)
     study_name = settings.study_name or f"{sweep_name or 'sweep'}-{first.cfg['task']['name']}"
     spec = storage_spec(settings.storage, study_name)

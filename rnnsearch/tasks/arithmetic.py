@@ -62,6 +62,7 @@ class ArithmeticTask(Task):
 
     per_step = True
     token_input = True
+    causal = True  # the next step's input is this step's target: no bidirectional models
     metric = "accuracy"
     direction = "maximize"
 

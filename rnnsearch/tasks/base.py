@@ -11,12 +11,14 @@ data never stalls a training step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import Tensor
+
+from rnnsearch.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -65,7 +67,8 @@ class Task:
 
     Class attributes describe the task to the model builder and the search:
     ``per_step``, ``token_input``, ``metric`` (headline, reported as ``val/<metric>``),
-    ``direction`` (``minimize``/``maximize``); instances set ``input_size``,
+    ``direction`` (``minimize``/``maximize``), ``causal`` (per-step targets that later
+    steps take as inputs, so a model must not read ahead: see :func:`check_direction`); instances set ``input_size``,
     ``output_size``, ``baseline`` (the trivial predictor's metric) and ``solved``
     (the threshold that counts as solving the task, or None).
     """
@@ -74,6 +77,9 @@ class Task:
     token_input: ClassVar[bool] = False
     metric: ClassVar[str] = "loss"
     direction: ClassVar[str] = "minimize"
+    #: Teacher-forced next-step prediction: step t's target is an input of step t+1, so a bidirectional
+    #: model's backward direction would read each answer before predicting it (train() refuses one).
+    causal: ClassVar[bool] = False
 
     input_size: int
     output_size: int
@@ -160,6 +166,14 @@ class Task:
         """Mean training loss of ``output`` (the model's prediction) on ``batch``."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: Batch) -> int | Tensor:
+        """How many terms ``loss(batch)`` averages over: its weight in the epoch's mean training loss.
+
+        The scored entries of the mask (a device tensor, counted without a sync), else every target
+        entry (a host int). A task whose loss averages over something else overrides this.
+        """
+        return batch.mask.sum() if batch.mask is not None else batch.y.numel()
+
     def metric_sums(self, output: Tensor, batch: Batch) -> dict[str, tuple[Tensor, Tensor]]:
         """Per-batch ``{name: (sum, count)}`` on device; the epoch value is sum/count over batches.
 
@@ -172,3 +186,15 @@ class Task:
         solved = "" if self.solved is None else f", solved at {self.metric} {'<' if self.direction == 'minimize' else '>'} {self.solved:g}"
         base = "" if self.baseline is None else f"; trivial baseline {self.metric} = {self.baseline:.4g}"
         return f"{getattr(self, 'registry_name', type(self).__name__)}{base}{solved}"
+
+
+def check_direction(task: type[Task] | Task, model: Optional[Mapping[str, Any]]) -> None:
+    """Refuse ``model.bidirectional=true`` on a causal task: its backward direction would read the targets."""
+    if getattr(task, "causal", False) and bool((model or {}).get("bidirectional", False)):
+        name = getattr(task, "registry_name", getattr(task, "__name__", type(task).__name__))
+        raise ConfigError(
+            f"model.bidirectional=true cannot be used with task '{name}': its per-step targets are the next "
+            f"steps' inputs (teacher-forced next-step prediction), so a backward direction reads every answer "
+            f"before it is predicted and scores near-perfectly without learning the task. Use "
+            f"model.bidirectional=false here; bidirectional models suit tasks whose targets are not later "
+            f"inputs (adding, copy, digits, tagging).")

@@ -177,6 +177,7 @@ class ChoralesTask(Task):
     """
 
     per_step = True
+    causal = True  # the next step's input is this step's target: no bidirectional models
     metric = "nll"
     direction = "minimize"
 
