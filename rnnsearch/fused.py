@@ -7,7 +7,8 @@ computes (oneDNN on CPU, cuDNN on GPU). :func:`why_not_fusable` says why a
 stack is not; :class:`FusedStack` runs one that is, with the same interface as
 :class:`~rnnsearch.layers.CellStack`. TF's per-step ``forget_bias`` is folded
 into the initial forget-gate bias (the same function, and the same gradients,
-at every step). Variable lengths go through packed sequences; packing needs
+at every step; :func:`keep_folds_out_of_weight_decay` keeps weight decay from
+shrinking that constant). Variable lengths go through packed sequences; packing needs
 the lengths on the CPU, so pass a CPU ``lengths`` tensor (``Batch.cpu_lengths``)
 to avoid a host–device sync, and a batch whose rows are all full length is not
 packed at all. An empty sequence (length 0) gives zero outputs and keeps its
@@ -117,6 +118,13 @@ class FusedStack(nn.Module):
         width = (spec.options.get("num_proj") or spec.hidden_size) if self.kind == "lstm" else spec.hidden_size
         self.output_size = width * (2 if bidirectional else 1)
 
+    def folded_biases(self) -> list[tuple[nn.Parameter, slice, float]]:
+        """Where TF's constant forget bias sits inside trainable parameters: ``(parameter, rows, value)``."""
+        if self.kind != "lstm" or self.forget_bias == 0.0:
+            return []
+        rows = slice(self.rnn.hidden_size, 2 * self.rnn.hidden_size)
+        return [(p, rows, self.forget_bias) for n, p in self.rnn.named_parameters() if n.startswith("bias_ih")]
+
     def forward(self, x: Tensor, lengths: Optional[Tensor] = None, states: Any = None) -> tuple[Tensor, Tensor, Any]:
         steps = x.shape[1]
         if lengths is not None and lengths.device.type == "cpu" and bool((lengths == steps).all()):
@@ -168,3 +176,27 @@ def pack(x: Tensor, lengths: Tensor) -> PackedSequence:
     order_dev = order.to(x.device, non_blocking=True)
     packed = pack_padded_sequence(x.index_select(0, order_dev), sorted_lengths, batch_first=True, enforce_sorted=True)
     return PackedSequence(packed.data, packed.batch_sizes, order_dev, unsort.to(x.device, non_blocking=True))
+
+
+def keep_folds_out_of_weight_decay(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Let weight decay see a fused LSTM's biases as the cell path's: without TF's folded forget bias.
+
+    The fused path adds the constant ``forget_bias`` into the trainable ``bias_ih``; weight decay
+    (AdamW's, or an L2 ``weight_decay`` of Adam/SGD/RMSprop) would then pull that constant towards 0,
+    which the cell path, where it stays a constant, never does. So when the optimizer decays, each
+    step takes the constant out before it and puts it back after (the gradient does not change).
+    Returns how many parameters carry a fold (0: nothing registered). :func:`rnnsearch.train` calls it;
+    call it yourself on an optimizer you build for a fused model.
+    """
+    folds = [f for m in model.modules() if isinstance(m, FusedStack) for f in m.folded_biases()]
+    if not folds or not any(g.get("weight_decay", 0) for g in optimizer.param_groups):
+        return 0
+
+    def shift(sign: float) -> None:
+        with torch.no_grad():
+            for p, rows, value in folds:
+                p[rows] += sign * value
+
+    optimizer.register_step_pre_hook(lambda *_: shift(-1.0))
+    optimizer.register_step_post_hook(lambda *_: shift(1.0))
+    return len(folds)

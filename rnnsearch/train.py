@@ -26,6 +26,7 @@ from torch import nn
 from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback, StopTraining, TrainingDiverged
 from rnnsearch.errors import ConfigError, check_positive_int, choice_error
+from rnnsearch.fused import keep_folds_out_of_weight_decay
 from rnnsearch.model import build_model, count_parameters
 from rnnsearch.tasks import Task, create_task
 from rnnsearch.tasks.base import Batch, check_direction
@@ -260,4 +261,5 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,
                         token_input=task.token_input).to(device)
     optimizer = make_optimizer(cfg.get("optim", {"name": "adam", "lr": 1e-3}), model.parameters())
+    keep_folds_out_of_weight_decay(model, optimizer)  # a fused LSTM decays like the cell path
     return fit(model, task, optimizer, cfg.get("train", {}), device, callbacks, info={"cfg": cfg}, seed=seed)

@@ -241,3 +241,29 @@ def test_build_is_seeded():
     b = build_model(cfg, IN, OUT).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert math.isfinite(sum(v.sum().item() for v in a.values()))
+
+
+@pytest.mark.parametrize("optim", [{"name": "adamw", "lr": 3e-3, "weight_decay": 0.01},
+                                   {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01}],
+                         ids=["adamw", "sgd-l2"])
+def test_weight_decay_treats_the_fused_forget_bias_as_the_cell_path_does(optim):
+    """The fused LSTM keeps TF's constant forget bias inside bias_ih: decay must not shrink that constant."""
+    from rnnsearch.fused import keep_folds_out_of_weight_decay
+
+    cfg = {"cell": {"name": "lstm", "forget_bias": 1.0}, "model": {"hidden_size": H, "num_layers": 2,
+                                                                   "bidirectional": True}}
+    cells = build_model({**cfg, "model": {**cfg["model"], "fused": "never"}}, IN, OUT).double()
+    fused = build_model({**cfg, "model": {**cfg["model"], "fused": "always"}}, IN, OUT).double()
+    copy_cells_to_fused(cells, fused)
+    x = torch.randn(3, 5, IN, dtype=torch.float64)
+    folds = []
+    for model in (cells, fused):
+        opt = make_optimizer(optim, model.parameters())
+        folds.append(keep_folds_out_of_weight_decay(model, opt))
+        for _ in range(100):  # a zero loss: only the decay moves the weights
+            opt.zero_grad()
+            (0.0 * model(x, None).sum()).backward()
+            opt.step()
+    assert folds == [0, 4], "bias_ih of 2 layers x 2 directions carry the fold"
+    with torch.no_grad():
+        assert_close(fused(x, None), cells(x, None), tol=1e-10, what="outputs after 100 decayed steps")
