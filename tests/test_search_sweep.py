@@ -223,3 +223,20 @@ def test_a_causal_task_never_samples_a_bidirectional_model(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match="model.bidirectional=true cannot be used with task 'arithmetic'"):
         sweep(sweep_cfg(tmp_path / "fixed", *task[:-1], "~sweep.params.model.bidirectional",
                         "+sweep.overrides.model.bidirectional=true"))
+
+
+def test_the_pruner_watches_the_objective_not_the_task_metric(tmp_path: Path) -> None:
+    """tagging's headline metric is accuracy (max); a sweep minimising val/loss must report val/loss."""
+    from rnnsearch.search.objective import pruning_key
+
+    assert [pruning_key(k) for k in ("best/val/accuracy", "val/loss", "train/loss", "params", "test/loss")] == \
+        ["val/accuracy", "val/loss", "train/loss", None, None]
+    tagging = ["task=tagging", "+sweep.overrides.task.min_len=5", "sweep.n_trials=3", "sweep.sampler=random"]
+    _, text = sweep(sweep_cfg(tmp_path, *tagging, "sweep.objectives=[val/loss]"))
+    assert "pruner median; objective val/loss (min)" in text
+    done = [t for t in load(tmp_path).trials if t.state == TrialState.COMPLETE]
+    assert done and all(t.intermediate_values[t.user_attrs["epochs"]] == t.user_attrs["metrics"]["val/loss"]
+                        for t in done)
+    _, text = sweep(sweep_cfg(tmp_path / "params", *tagging, "sweep.objectives=[params]"))
+    assert "pruner none (params has no per-epoch value)" in text
+    assert all(not t.intermediate_values for t in load(tmp_path / "params").trials)

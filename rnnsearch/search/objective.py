@@ -57,6 +57,18 @@ class OptunaPruning(Callback):
             raise optuna.TrialPruned(f"pruned at epoch {epoch}: {self.key} = {value:.4g}")
 
 
+def pruning_key(objective: str) -> Optional[str]:
+    """The per-epoch metric a pruner can watch for ``objective``, in its direction, or None.
+
+    ``best/val/x`` and ``val/x`` → ``val/x``; ``train/loss`` → itself. Anything else (``params``,
+    ``test/...``, speed) has no per-epoch value that tracks it: such a sweep does not prune, since pruning
+    on another metric would judge that metric in the objective's direction (e.g. stop the most accurate
+    trials of a sweep that minimises ``val/loss``).
+    """
+    key = objective[len("best/"):] if objective.startswith("best/") else objective
+    return key if key.startswith("val/") or key == "train/loss" else None
+
+
 def suggest_with(trial: optuna.Trial) -> Any:
     """``(key, distribution) -> value`` through the trial's public ``suggest_*`` methods."""
 
@@ -93,7 +105,7 @@ class TrialObjective:
     fixed: list[Param]  # sweep.overrides
     groups: GroupOptions
     objectives: list[str]
-    metric: str  # the task's headline metric: val/<metric> is reported for pruning
+    prune_key: str  # the per-epoch metric reported to the pruner (pruning_key of the objective)
     prune: bool = True
     max_params: Optional[int] = None
     study_name: str = ""
@@ -108,7 +120,7 @@ class TrialObjective:
         if self.on_start is not None:
             self.on_start()
         start = time.perf_counter()
-        pruning = OptunaPruning(trial, f"val/{self.metric}", enabled=self.prune)
+        pruning = OptunaPruning(trial, self.prune_key, enabled=self.prune)
         try:
             comp = self.compose(trial)
             cfg = comp.cfg

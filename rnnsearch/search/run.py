@@ -25,7 +25,7 @@ from rnnsearch.errors import ConfigError
 
 from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
 from .errors import SweepFailed
-from .objective import TrialObjective
+from .objective import TrialObjective, pruning_key
 from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
@@ -251,7 +251,8 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     waiting = [t.number for t in trials if t.state == optuna.trial.TrialState.WAITING]
     start_number = min([*waiting, len(trials)])  # this run's trials: the queued ones and all new ones
     finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
-    prune = settings.pruner != "none" and len(objectives) == 1
+    key = pruning_key(objectives[0]) if len(objectives) == 1 else None
+    prune = settings.pruner != "none" and key is not None
     epochs = int(first.cfg.get("train", {}).get("epochs", 1))
     _print_header(out, study_name, spec, settings, n, devices, objectives, directions, space, finished, prune)
     if shadowed:
@@ -261,7 +262,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
 
     parent_run_id = start_sweep_run(cfg, study_name)
     objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
-                               metric=task_cls.metric, prune=prune, max_params=settings.max_params,
+                               prune_key=key or "", prune=prune, max_params=settings.max_params,
                                study_name=study_name, parent_run_id=parent_run_id)
     threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
     n_trials = settings.n_trials
@@ -334,7 +335,8 @@ def _print_header(out: TextIO, study_name: str, spec: str, settings: SweepSettin
     where = ", ".join(f"GPU {d}" for d in devices) if devices and devices[0] is not None else "CPU"
     resume = f" (resuming: {finished} already finished)" if finished else ""
     objs = ", ".join(f"{o} ({d[:3]})" for o, d in zip(objectives, directions))
-    pruner = settings.pruner if prune else ("none (multi-objective)" if settings.pruner != "none" else "none")
+    why = "multi-objective" if len(objectives) > 1 else f"{objectives[0]} has no per-epoch value"
+    pruner = settings.pruner if prune else (f"none ({why})" if settings.pruner != "none" else "none")
     print(f"sweep {study_name}: {settings.n_trials} trials{resume}, {n} worker(s) on {where}; "
           f"sampler {settings.sampler} (seed {settings.seed}), pruner {pruner}; objective {objs}", file=out)
     shown = re.sub(r"(://[^:/@]+:)[^/]*@", r"\1***@", spec)  # no password in logs
