@@ -55,7 +55,7 @@ def test_a_dying_worker_is_replaced_and_its_trial_failed_and_retried(tmp_path: P
     storage = str(tmp_path / "crash.journal")
     open_study("crash", make_storage(storage, settings), ["minimize"])
     objective = CrashOnce(base={}, space=parse_space({"x": "interval(0, 1)"}), fixed=[], groups={},
-                          objectives=["x"], metric="x", study_name=str(tmp_path / "marker"))
+                          objectives=["x"], prune_key="x", study_name=str(tmp_path / "marker"))
     job = WorkerJob(settings=settings, storage=storage, study_name="crash", objective=objective, n_trials=4,
                     start_number=0, epochs=1, max_layers=1)
     logs: list[str] = []
