@@ -106,10 +106,8 @@ class FusedStack(nn.Module):
             self.rnn: nn.RNNBase = nn.LSTM(proj_size=spec.options.get("num_proj") or 0, **common)
             self.forget_bias = float(spec.options.get("forget_bias", 1.0))
             with torch.no_grad():  # fold TF's constant forget bias into the initial bias
-                H = spec.hidden_size
-                for name, p in self.rnn.named_parameters():
-                    if name.startswith("bias_ih"):
-                        p[H : 2 * H] += self.forget_bias
+                for p, rows, value in self.folded_biases():
+                    p[rows] += value
         elif self.kind == "gru":
             self.rnn = nn.GRU(**common)
         else:
