@@ -129,6 +129,39 @@ def test_registering_a_name_twice_is_an_error_unless_replace(isolated_cells):
     assert CELLS.get("test_twice") is B
 
 
+def test_overriding_forward_over_an_inherited_recur_is_refused():
+    # sequence runs call project_input() + recur(): such a forward() would be skipped with no error
+    from rnnsearch.cells.lstm import LSTMCell
+    from rnnsearch.cells.wrappers import CellWrapper
+
+    with pytest.raises(TypeError, match=r"ScaledLSTM overrides forward\(\) but inherits recur\(\) from LSTMCell"
+                                         r".*project_input\(\)"):
+        class ScaledLSTM(LSTMCell):
+            def forward(self, x_t, state):
+                return super().forward(2 * x_t, state)
+
+    with pytest.raises(TypeError, match=r"DoubleOut overrides forward\(\) but inherits recur\(\) from CellWrapper"):
+        class DoubleOut(CellWrapper):
+            def forward(self, x_t, state):
+                out, new = super().forward(x_t, state)
+                return 2 * out, new
+
+
+def test_a_forward_only_cell_and_its_forward_only_subclass_run_their_own_forward():
+    class Echo(RNNCell):
+        def forward(self, x_t, state):
+            return x_t + state[0], (x_t + state[0],)
+
+    class Double(Echo):  # inherits RNNCell.recur, which calls self.forward: allowed
+        def forward(self, x_t, state):
+            out, new = super().forward(x_t, state)
+            return 2 * out, (2 * new[0],)
+
+    x = torch.ones(2, 3, 4)
+    out, _ = Double(4, 4).forward_sequence(x)
+    assert torch.equal(out[:, :, 0], torch.tensor([[2.0, 6.0, 14.0]] * 2))
+
+
 def test_unknown_cell_lists_the_valid_names():
     with pytest.raises(ConfigError) as err:
         create_cell("lstn", 2, 2)

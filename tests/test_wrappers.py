@@ -219,6 +219,39 @@ def test_zoneout_eval_is_the_expectation():
     assert out2.shape == out.shape
 
 
+@pytest.mark.parametrize("dropout", [{"output_keep_prob": 0.5}, {"state_keep_prob": 0.5},
+                                     {"output_keep_prob": 0.5, "variational_recurrent": True}])
+def test_zoneout_around_output_or_state_dropout_zones_the_state_only_in_train_and_eval(dropout):
+    # [dropout, zoneout]: the output is the dropout wrapper's own, not the zoned h, in both modes (it was zoned
+    # in eval only, where dropout returns h itself: eval then was not the expectation of training)
+    torch.manual_seed(0)
+    cell = create_cell("gru", H, H).double()
+    w = ZoneoutWrapper(DropoutWrapper(cell, **dropout), h_prob=0.5, c_prob=0.5)
+    assert w.output_is_state is False
+    x = torch.randn(B, H, dtype=torch.float64)
+    old = (torch.randn(B, H, dtype=torch.float64),)
+    _, (h_new,) = cell(x, old)
+    out, (h,) = w.eval()(x, old)
+    assert torch.equal(out, h_new), "eval: the wrapped cell's output, unzoned"
+    assert_close(h, 0.5 * old[0] + 0.5 * h_new, tol=1e-12)
+    w.train()
+    w.start_sequence(B, x.device, x.dtype)
+    out, (h,) = w(x, old)
+    scale = 2.0 if "output_keep_prob" in dropout else 1.0
+    assert ((out == 0) | torch.isclose(out, scale * h_new)).all(), "training: dropped h_new, not the zoned h"
+
+
+def test_zoneout_around_input_dropout_or_device_still_zones_the_output():
+    cell = create_cell("lstm", H, H).double()
+    for inner in (DropoutWrapper(cell, input_keep_prob=0.5), DeviceWrapper(cell, "cpu")):
+        w = ZoneoutWrapper(inner, h_prob=0.3, c_prob=0.6).eval()
+        assert w.output_is_state is None  # as the plain cell's: decided by the step's tensors
+        old = (torch.randn(B, H, dtype=torch.float64), torch.randn(B, H, dtype=torch.float64))
+        out, (h, _) = w(torch.randn(B, H, dtype=torch.float64), old)
+        assert torch.equal(out, h)
+    assert ZoneoutWrapper(ResidualWrapper(cell)).output_is_state is False
+
+
 def test_zoneout_zero_probability_is_the_bare_cell():
     out, (h, c), _, (h_new, c_new) = _zoneout_step(True, h_prob=0.0, c_prob=0.0)
     assert torch.equal(h, h_new) and torch.equal(c, c_new) and torch.equal(out, h_new)

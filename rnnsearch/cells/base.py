@@ -65,6 +65,10 @@ class RNNCell(nn.Module):
     #: (it needs the whole sequence's projection), kept on its slot route.
     compile_projection: bool = False
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _check_step_override(cls)
+
     def __init__(self, input_size: int, hidden_size: int) -> None:
         super().__init__()
         self.input_size = int(input_size)
@@ -79,6 +83,16 @@ class RNNCell(nn.Module):
     def state_size(self) -> tuple[int, ...]:
         """Width of each state tensor, in state order."""
         return (self.hidden_size,)
+
+    @property
+    def output_is_state(self) -> Optional[bool]:
+        """Whether each step's output *is* its new first state tensor (``h``), in training and eval alike.
+
+        None (a plain cell): not declared; :class:`~rnnsearch.cells.wrappers.ZoneoutWrapper` then checks each
+        step's tensors by identity. Wrappers declare it (output or state dropout, a residual: False), so a
+        wrapper's train-time randomness cannot change the answer between training and eval.
+        """
+        return None
 
     def _reference(self) -> Tensor:
         for p in self.parameters():
@@ -201,6 +215,28 @@ def step_masks(lengths: Tensor, steps: int, device: torch.device) -> Tensor:
 
 def _owner(cls: type, name: str) -> Optional[type]:
     return next((k for k in cls.__mro__ if name in vars(k)), None)
+
+
+def _check_step_override(cls: type) -> None:
+    """Refuse a subclass whose own ``forward`` no sequence run would call.
+
+    Sequences (``forward_sequence``, layers, models, the compiled loop) run ``project_input`` + ``recur``;
+    ``RNNCell.recur`` calls ``forward``, so a cell that defines ``forward`` alone works. A subclass that
+    defines ``forward`` but inherits a ``recur`` written for another ``forward`` (a registry cell's, a
+    wrapper's) would have it called by hand only, and silently skipped everywhere else.
+    """
+    if "forward" not in vars(cls):
+        return
+    recur_owner = _owner(cls, "recur")
+    if recur_owner in (None, cls, RNNCell):
+        return
+    raise TypeError(
+        f"{cls.__qualname__} overrides forward() but inherits recur() from {recur_owner.__qualname__}: "
+        f"sequence runs (forward_sequence, layers, build_model, the compiled loop) call project_input() + "
+        f"recur(), never forward(), so this forward() would be skipped with no error everywhere but a "
+        f"by-hand step. Override project_input() (the input's part, e.g. `return super().project_input(2 * x)`) "
+        f"and/or recur() (the step given the projected input) instead; only a cell derived from RNNCell "
+        f"directly may define its step by forward() alone.")
 
 
 def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None,

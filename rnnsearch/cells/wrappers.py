@@ -61,6 +61,10 @@ class CellWrapper(RNNCell):
         return self.cell.output_size
 
     @property
+    def output_is_state(self) -> Optional[bool]:
+        return self.cell.output_is_state
+
+    @property
     def state_size(self) -> tuple[int, ...]:
         return self.cell.state_size
 
@@ -131,6 +135,12 @@ class DropoutWrapper(CellWrapper):
             mask = self._masks[key] = _mask((t.shape[0], t.shape[-1]), keep, t.device, t.dtype)
         return t * (mask.unsqueeze(1) if t.dim() == 3 else mask)
 
+    @property
+    def output_is_state(self) -> Optional[bool]:
+        if self.output_keep_prob < 1.0 or self.state_keep_prob < 1.0:
+            return False  # two different draws in training (the identity in eval)
+        return self.cell.output_is_state
+
     def project_input(self, x: Tensor) -> Tensor:
         return self.cell.project_input(self._drop("input", x, self.input_keep_prob))
 
@@ -154,6 +164,10 @@ class ResidualWrapper(CellWrapper):
                 f"residual only on layers whose input is hidden_size wide, use merge_mode=sum|ave|mul for "
                 f"bidirectional stacks, or drop num_proj)."
             )
+
+    @property
+    def output_is_state(self) -> Optional[bool]:
+        return False  # input + output; the state is the inner cell's
 
     def project_input(self, x: Tensor) -> Tensor:
         return torch.cat([self.cell.project_input(x), x], -1)  # (..., projected + input)
@@ -228,8 +242,11 @@ class ZoneoutWrapper(CellWrapper):
         c_prob: zoneout probability of the other state tensors (an LSTM's ``c``); the paper uses 0.5.
 
     Training: ``s' = d·s + (1 - d)·s_new`` with ``d ~ Bernoulli(p)`` per unit and step.
-    Eval: the expectation, ``s' = p·s + (1 - p)·s_new``. The output is the new ``h``
-    when the cell outputs its ``h`` (output and first state of equal width).
+    Eval: the expectation, ``s' = p·s + (1 - p)·s_new``. The output is the zoned ``h``
+    when the wrapped cell outputs its ``h`` (``output_is_state``; a plain cell: its output is its new
+    ``h``). Around a dropout wrapper with output or state dropout, or a residual one, the output is the
+    wrapped cell's own and only the state is zoned, in training and eval alike (wrap the zoneout cell in
+    dropout instead, ``[zoneout, dropout]``, to drop a zoned output).
     """
 
     options = ("h_prob", "c_prob")
@@ -256,6 +273,9 @@ class ZoneoutWrapper(CellWrapper):
         out, new_state = self.cell.recur(xp_t, state)
         zoned = tuple(self._zone(o, n, self.h_prob if k == 0 else self.c_prob)
                       for k, (o, n) in enumerate(zip(state, new_state)))
-        if self.cell.output_size == self.state_size[0] and out is new_state[0]:
+        same = self.cell.output_is_state
+        if same is None:  # a plain cell: is its output its new h?
+            same = self.cell.output_size == self.state_size[0] and out is new_state[0]
+        if same:
             out = zoned[0]
         return out, zoned
