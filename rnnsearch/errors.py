@@ -7,6 +7,7 @@ exits with status 2, before any training starts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 
@@ -61,3 +62,17 @@ def check_known_keys(what: str, given: Iterable[str], valid: Iterable[str]) -> N
     unknown = sorted(set(given) - set(valid))
     if unknown:
         raise ConfigError(f"Unknown {what} setting(s) {unknown}; valid settings: {', '.join(valid)}.")
+
+
+def check_bool(what: str, value: object) -> bool:
+    """Return ``value`` if it is a boolean (YAML true/false), else raise ConfigError (no truthy strings)."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{what} must be true or false, got {value!r}.")
+    return value
+
+
+def check_positive_number(what: str, value: object, hint: str = "") -> float:
+    """Return ``value`` as a float if it is a finite number > 0, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{what} must be a positive number{hint}, got {value!r}.")
+    return float(value)

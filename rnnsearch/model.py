@@ -26,7 +26,7 @@ from rnnsearch.cells import create_cell, create_wrapper
 from rnnsearch.cells.base import RNNCell
 from rnnsearch.compile import compile_mode
 from rnnsearch.compile import install as install_compiled
-from rnnsearch.errors import ConfigError, check_positive_int, choice_error
+from rnnsearch.errors import ConfigError, check_bool, check_known_keys, check_positive_int, choice_error
 from rnnsearch.fused import FusedStack, LayerSpec, why_not_fusable
 from rnnsearch.layers import MERGE_MODES, BidirectionalLayer, CellStack, RecurrentLayer
 
@@ -61,9 +61,15 @@ def _layer_overrides(layers: Any, num_layers: int) -> dict[int, dict[str, Any]]:
     return out
 
 
+#: The ``model`` section's settings (conf/model/default.yaml); any other key is refused, not ignored.
+MODEL_KEYS = ("hidden_size", "num_layers", "bidirectional", "merge_mode", "wrappers", "layers", "fused", "compile",
+              "embedding_size")
+
+
 def resolve_layers(cfg: Any) -> list[LayerSpec]:
     """Turn ``cfg.cell`` + ``cfg.model`` into one :class:`LayerSpec` per layer, checking sizes and names."""
     model = _plain(cfg["model"])
+    check_known_keys("model", model.keys(), MODEL_KEYS)
     base_cell = dict(_plain(cfg["cell"]))
     num_layers = check_positive_int("model.num_layers", model.get("num_layers", 1))
     hidden = check_positive_int("model.hidden_size", model.get("hidden_size"))
@@ -163,7 +169,7 @@ def build_model(cfg: Any, input_size: int, output_size: int, *, per_step: bool =
     """
     model = _plain(cfg["model"])
     specs = resolve_layers(cfg)
-    bidirectional = bool(model.get("bidirectional", False))
+    bidirectional = check_bool("model.bidirectional", model.get("bidirectional", False))
     merge_mode = model.get("merge_mode", "concat")
     if merge_mode not in MERGE_MODES:
         raise choice_error("model.merge_mode", merge_mode, MERGE_MODES)

@@ -25,7 +25,7 @@ from torch import nn
 
 from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback, StopTraining, TrainingDiverged
-from rnnsearch.errors import ConfigError, check_positive_int, choice_error
+from rnnsearch.errors import ConfigError, check_known_keys, check_positive_int, check_positive_number, choice_error
 from rnnsearch.fused import keep_folds_out_of_weight_decay
 from rnnsearch.model import build_model, count_parameters
 from rnnsearch.tasks import Task, create_task
@@ -65,7 +65,7 @@ def make_optimizer(cfg: Mapping[str, Any], params: Iterable[nn.Parameter]) -> to
         raise choice_error("optimizer", name, OPTIMIZERS)
     try:
         return classes[name](params, lr=lr, **opts)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value torch.optim rejects
         raise ConfigError(f"optim: {exc} (options of {name}: see torch.optim.{classes[name].__name__}).") from None
 
 
@@ -116,17 +116,25 @@ def _is_better(a: float, b: Optional[float], direction: str) -> bool:
     return a < b if direction == "minimize" else a > b
 
 
+#: The ``train`` section's settings (conf/config.yaml); any other key is refused, not ignored.
+TRAIN_KEYS = ("epochs", "batch_size", "eval_batch_size", "max_steps", "grad_clip", "amp")
+
+
 def fit(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any],
         device: torch.device, callbacks: Sequence[Callback] = (), info: Optional[dict[str, Any]] = None,
         seed: int = 0) -> dict[str, Any]:
     """Train ``model`` on ``task``; returns the final metrics (see :func:`train`)."""
+    check_known_keys("train", cfg.keys(), TRAIN_KEYS)
     epochs = check_positive_int("train.epochs", cfg.get("epochs", 10))
     batch_size = check_positive_int("train.batch_size", cfg.get("batch_size", 64))
-    eval_bs = check_positive_int("train.eval_batch_size", cfg.get("eval_batch_size") or 4 * batch_size)
+    eval_bs = cfg.get("eval_batch_size")
+    eval_bs = 4 * batch_size if eval_bs is None else check_positive_int("train.eval_batch_size", eval_bs)
     max_steps = cfg.get("max_steps")
     if max_steps is not None:
         check_positive_int("train.max_steps", max_steps)
     clip = cfg.get("grad_clip")
+    if clip is not None:
+        clip = check_positive_number("train.grad_clip", clip, " (the largest gradient norm) or null (no clipping)")
     amp = amp_dtype(cfg.get("amp", False), device)
     shuffle_gen = torch.Generator().manual_seed(seed)
     decision = _prepare_compile(model, task, epochs, batch_size, max_steps, device, amp)
@@ -188,8 +196,8 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
                 out = model(batch.x, _lengths(model, batch))
             loss = task.loss(out.float(), batch)  # the loss in float32 (out.float() is a no-op without amp)
             loss.backward()
-            if clip:
-                nn.utils.clip_grad_norm_(model.parameters(), float(clip))
+            if clip is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             w = task.loss_weight(batch)
             loss_sum += loss.detach() * w
@@ -253,7 +261,9 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    seed = int(cfg.get("seed", 0))
+    seed = cfg.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
     device = resolve_device(cfg.get("device", "auto"))
     task = create_task(cfg["task"])
     check_direction(task, cfg.get("model"))

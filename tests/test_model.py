@@ -220,6 +220,14 @@ BAD_MODELS = [
     (["model.layers={0: {colour: red}}"], ["colour", "cell, hidden_size, wrappers"]),
     (["model.layers={0: {hidden_size: 0}}"], ["model.layers.0.hidden_size", "0"]),
     (["model.embedding_size=-1"], ["model.embedding_size", "-1"]),
+    # accepted before, and something else was built: a misspelt key ignored, any string taken as true
+    (["+model.num_layer=3"], ["'num_layer'", "num_layers", "hidden_size"]),
+    (["model.bidirectional=no"], ["model.bidirectional", "true or false", "'no'"]),
+    (["model.fused=never", "cell.use_peepholes=no"], ["use_peepholes", "true or false", "'no'"]),
+    (["cell=gru", "model.fused=never", "cell.reset_after='false'"], ["reset_after", "true or false", "'false'"]),
+    (["model.wrappers=[{name: dropout, output_keep_prob: 0.5, variational_recurrent: 'no'}]"],
+     ["variational_recurrent", "'no'"]),
+    (["cell=ln_lstm", "cell.eps=-1"], ["eps", "-1"]),
 ]
 
 

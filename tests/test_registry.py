@@ -162,6 +162,18 @@ def test_a_forward_only_cell_and_its_forward_only_subclass_run_their_own_forward
     assert torch.equal(out[:, :, 0], torch.tensor([[2.0, 6.0, 14.0]] * 2))
 
 
+@pytest.mark.parametrize("lengths", [None, torch.tensor([3, 2])], ids=["full", "lengths"])
+def test_a_step_that_returns_other_widths_than_declared_is_an_error(lengths):
+    # a cell returning (h, c) under the default state_size (H,) lost c on every step with lengths, silently
+    class TwoStates(RNNCell):
+        def forward(self, x_t, state):
+            h = torch.tanh(x_t + state[0])
+            return h, (h, h)
+
+    with pytest.raises(ValueError, match=r"TwoStates declares state_size \(4,\).*returned a state of widths \(4, 4\)"):
+        TwoStates(4, 4).forward_sequence(torch.zeros(2, 3, 4), lengths=lengths)
+
+
 def test_unknown_cell_lists_the_valid_names():
     with pytest.raises(ConfigError) as err:
         create_cell("lstn", 2, 2)

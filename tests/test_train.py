@@ -123,6 +123,16 @@ def test_non_finite_loss_stops_with_a_clear_message():
     (["optim.name=lbfgs"], ["'lbfgs'", "adam", "sgd"]),
     (["+optim.nesterov_typo=true"], ["optim", "nesterov_typo"]),
     (["device=cuda:99"], ["cuda:99", "auto", "cpu"]),
+    # these trained something else (or diverged on purpose) with no error before
+    (["train.grad_clip=-1"], ["train.grad_clip", "-1", "null"]),  # a negative clip flipped the gradient
+    (["train.grad_clip=0"], ["train.grad_clip", "0"]),
+    (["+train.epoch=3"], ["'epoch'", "epochs", "grad_clip"]),  # a misspelt key was ignored
+    (["train.eval_batch_size=0"], ["train.eval_batch_size", "0"]),
+    (["task.train_size=0"], ["task.train_size", "0"]),  # trained zero steps and reported success
+    (["task.val_size=0"], ["task.val_size", "0"]),
+    (["seed=-1"], ["seed", "-1"]),
+    (["seed=1.7"], ["seed", "1.7"]),
+    (["optim=sgd", "optim.momentum=-1"], ["optim", "momentum", "-1"]),  # torch.optim's ValueError
 ])
 def test_bad_training_options_stop_before_training(overrides, words):
     rec = Recorder()

@@ -239,6 +239,21 @@ def _check_step_override(cls: type) -> None:
         f"directly may define its step by forward() alone.")
 
 
+def check_step_result(cell: RNNCell, out: Tensor, new_state: State) -> None:
+    """Raise if a step's output or state does not have the widths the cell declares.
+
+    The loop pairs the new state with the old one tensor by tensor, so a cell that returns more state tensors
+    than its ``state_size`` lists would lose the extra ones (only where sequences have lengths) with no error.
+    """
+    got = tuple(int(s.shape[-1]) for s in new_state) if isinstance(new_state, tuple) else None
+    if got != tuple(cell.state_size) or out.shape[-1] != cell.output_size:
+        raise ValueError(
+            f"{type(cell).__name__} declares state_size {tuple(cell.state_size)} and output_size {cell.output_size}, "
+            f"but its step returned a state of widths {got if got is not None else type(new_state).__name__} and "
+            f"an output of width {out.shape[-1]}. Make state_size (one width per state tensor, in order) and "
+            f"output_size (properties of the cell) match what the step returns; the state must be a tuple.")
+
+
 def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] = None,
               deferred: bool = False, project: bool = False, slot: Optional[Tensor] = None) -> tuple[Tensor, State]:
     """The time loop: ``cell.recur`` over projected inputs ``xp`` ``[batch, time, projected]``.
@@ -258,6 +273,8 @@ def run_steps(cell: RNNCell, xp: Tensor, state: State, valid: Optional[Tensor] =
     outputs = []
     for t, xp_t in enumerate(xp.unbind(1)):
         out, new_state = step(xp_t, state) if slots is None else step(xp_t, state, slots[t])
+        if t == 0:
+            check_step_result(cell, out, new_state)
         if valid is not None:
             v = valid[t]  # (b, 1)
             out = out.masked_fill(~v, 0.0)  # a select, not a product: NaN/inf padding stays out

@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
+from rnnsearch.errors import check_bool
+
 from .base import RNNCell, State
 from .functional import activation as get_activation
 from .functional import init_uniform_
@@ -37,7 +39,7 @@ class GRUCell(RNNCell):
 
     def __init__(self, input_size: int, hidden_size: int, reset_after: bool = True, activation: str = "tanh") -> None:
         super().__init__(input_size, hidden_size)
-        self.reset_after = bool(reset_after)
+        self.reset_after = check_bool("gru reset_after", reset_after)
         self.activation = activation
         self._act = get_activation(activation)
         self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import layer_norm, linear
 
+from rnnsearch.errors import check_positive_number
+
 from .base import RNNCell, State
 from .batched_grad import add_slot
 from .functional import init_uniform_
@@ -47,7 +49,7 @@ class LayerNormLSTMCell(RNNCell):
     def __init__(self, input_size: int, hidden_size: int, forget_bias: float = 1.0, eps: float = 1e-5) -> None:
         super().__init__(input_size, hidden_size)
         self.forget_bias = check_forget_bias(forget_bias)
-        self.eps = float(eps)
+        self.eps = check_positive_number("ln_lstm eps", eps)
         self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size))
         self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size))
         self.bias = nn.Parameter(torch.empty(4 * hidden_size))

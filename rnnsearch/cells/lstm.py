@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
-from rnnsearch.errors import ConfigError, check_positive_int
+from rnnsearch.errors import ConfigError, check_bool, check_positive_int
 
 from .base import RNNCell, State
 from .functional import activation as get_activation
@@ -93,7 +93,7 @@ class LSTMCell(RNNCell):
         self.forget_bias = check_forget_bias(forget_bias)
         self.activation = activation
         self._act = get_activation(activation)
-        self.use_peepholes = bool(use_peepholes)
+        self.use_peepholes = check_bool("lstm use_peepholes", use_peepholes)
         self.cell_clip = check_clip("cell_clip", cell_clip)
         self.num_proj = None if num_proj is None else check_positive_int("num_proj", num_proj)
         self.proj_clip = check_clip("proj_clip", proj_clip)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from rnnsearch.errors import ConfigError, check_keep_prob
+from rnnsearch.errors import ConfigError, check_bool, check_keep_prob
 from rnnsearch.registry import Registry, check_options
 
 from .base import RNNCell, State
@@ -112,7 +112,7 @@ class DropoutWrapper(CellWrapper):
         self.input_keep_prob = check_keep_prob("dropout input_keep_prob", input_keep_prob)
         self.output_keep_prob = check_keep_prob("dropout output_keep_prob", output_keep_prob)
         self.state_keep_prob = check_keep_prob("dropout state_keep_prob", state_keep_prob)
-        self.variational_recurrent = bool(variational_recurrent)
+        self.variational_recurrent = check_bool("dropout variational_recurrent", variational_recurrent)
         self._masks: dict[str, Tensor] = {}
 
     def start_sequence(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -58,7 +58,10 @@ def _max_layers(space: list[Param], base_layers: int) -> int:
 
 def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_layers: int,
                    out: TextIO) -> list[dict[str, Any]]:
-    """Flatten ``sweep.enqueue`` entries; an unknown key is an error, a value outside its space skips the entry."""
+    """Flatten ``sweep.enqueue`` entries; an unsearched key is dropped, a value outside its space skips the entry.
+
+    Both with a note: the default entry sets keys a user may stop searching (``~sweep.params.cell.forget_bias``).
+    """
     known: dict[str, Any] = {}
     for p in space:
         if not p.fixed:
@@ -71,8 +74,11 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
         flat = {(f"{k}.name" if f"{k}.name" in known and k not in known else k): v for k, v in flat.items()}
         bad = sorted(set(flat) - set(known))
         if bad:
-            raise ConfigError(f"sweep.enqueue entry {dict(entry)} sets {bad}, which sweep.params does not search; "
-                              f"searched keys: {', '.join(sorted(known))}.")
+            print(f"note: sweep.enqueue entry {i}: {', '.join(bad)} not searched by sweep.params, left out of the "
+                  f"entry (searched keys: {', '.join(sorted(known))}).", file=out)
+            flat = {k: v for k, v in flat.items() if k in known}
+            if not flat:
+                continue
         outside = [f"{k}={v!r}" for k, v in flat.items() if not _in_space(known[k], v)]
         if outside:
             print(f"note: sweep.enqueue entry {i} skipped: {', '.join(outside)} outside the search space.", file=out)
@@ -126,7 +132,10 @@ def _check_compatible(study: Any, space: list[Param], study_name: str) -> None:
 def _in_space(dist: Any, value: Any) -> bool:
     if hasattr(dist, "choices"):
         return any(value == c and isinstance(value, bool) == isinstance(c, bool) for c in dist.choices)
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not dist.low <= value <= dist.high:
+        return False
+    step = getattr(dist, "step", None)  # range(32, 129, 32) holds 32, 64, ... but not 48
+    return not step or math.isclose((value - dist.low) / step, round((value - dist.low) / step), abs_tol=1e-9)
 
 
 def _cli_wins(fixed: list[Param], cli: list[str]) -> tuple[list[Param], list[str]]:

@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from rnnsearch.errors import ConfigError
+from rnnsearch.errors import ConfigError, check_positive_int
 
 SPLITS = ("train", "val", "test")
 
@@ -89,10 +89,13 @@ class Task:
     def check_available(cls) -> None:
         """Raise a ConfigError naming the fix when the task cannot run here (a missing optional package)."""
     solved: Optional[float] = None
+    #: A task that cuts a fixed data set (``chorales``): its split sizes come from the data, not from arguments.
+    fixed_corpus: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0, train_size: int = 10000, val_size: int = 1000, test_size: int = 1000) -> None:
         self.seed = int(seed)
-        self.sizes = {"train": int(train_size), "val": int(val_size), "test": int(test_size)}
+        self.sizes = {split: n if self.fixed_corpus else check_positive_int(f"task.{split}_size", n)
+                      for split, n in (("train", train_size), ("val", val_size), ("test", test_size))}
         self._cache: dict[tuple[str, str], Batch] = {}
 
     # -- data -------------------------------------------------------------------------
