@@ -75,6 +75,24 @@ def test_default_sweep_runs_end_to_end_and_writes_a_rerunnable_best_config(tmp_p
     assert train(again)["best/val/mse"] == pytest.approx(summary["best_value"], rel=1e-4)
 
 
+def test_a_resumed_study_writes_the_best_trial_as_it_trained(tmp_path: Path) -> None:
+    # the best config was recomposed from the best params with *today's* settings: after a resume without
+    # forget_bias in the space it wrote forget_bias 1.0 (the default); with a new key in the space it crashed
+    lstm = ["sweep.params.cell.name=lstm", "sweep.params.cell.forget_bias=interval(0.0,0.1)"]
+    first, _ = sweep(sweep_cfg(tmp_path, "sweep.n_trials=2", *lstm))
+    best_fb = first["best_params"]["cell.forget_bias"]
+    assert first["overrides"] is not None  # nothing changed: the override list is printed as before
+    second, text = sweep(sweep_cfg(tmp_path, "sweep.n_trials=2", "sweep.params.cell.name=lstm",
+                                   "~sweep.params.cell.forget_bias", "sweep.overrides.train.epochs=1",
+                                   "+sweep.params.train.grad_clip=choice(0.5,1.0)"))
+    assert len(load(tmp_path).trials) == 2  # nothing new ran
+    assert f"note: trial {second['best_number']} (the best) ran with other settings" in text
+    assert "or as overrides" not in text and second["overrides"] is None
+    best = yaml.safe_load((tmp_path / "best_test.yaml").read_text())
+    assert best["cell"]["forget_bias"] == pytest.approx(best_fb) and best["train"]["epochs"] == 3
+    assert best["train"]["grad_clip"] == 1.0  # the default it trained with, not a value of the new key
+
+
 def test_pruning_prunes_and_saves_epochs(tmp_path: Path) -> None:
     cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.sampler=random", "sweep.overrides.train.epochs=4",
                     "+sweep.pruner_options.n_startup_trials=2", "+sweep.pruner_options.n_warmup_steps=0")
@@ -202,6 +220,15 @@ def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="valid choices: hyperband, median, none, successive_halving"):
         sweep(sweep_cfg(tmp_path, "sweep.pruner=asha"))
+    # these were raw tracebacks (the sampler and pruner were only built inside the workers)
+    with pytest.raises(ConfigError, match="sweep.pruner_options for pruner 'median'.*n_startup_trials"):
+        sweep(sweep_cfg(tmp_path, "+sweep.pruner_options.n_startup_trials=-1"))
+    with pytest.raises(ConfigError, match="sweep.sampler_options for sampler 'tpe'.*foo"):  # before workers start
+        sweep(sweep_cfg(tmp_path, "+sweep.sampler_options.foo=1", "sweep.workers=2"))
+    with pytest.raises(ConfigError, match=f"sweep.storage='{tmp_path}' cannot be used as a journal file"):
+        sweep(sweep_cfg(tmp_path, f"sweep.storage={tmp_path}"))
+    with pytest.raises(ConfigError, match="sweep.storage='bogus://x' cannot be opened"):
+        sweep(sweep_cfg(tmp_path, "sweep.storage=bogus://x"))
     assert not (tmp_path / "test.journal").exists() or not load(tmp_path).trials
 
 

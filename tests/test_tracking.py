@@ -6,6 +6,8 @@ module-scoped fixtures and checked through ``MlflowClient`` by the tests.
 
 from __future__ import annotations
 
+import io
+
 import sys
 from pathlib import Path
 
@@ -293,3 +295,20 @@ def test_url_passwords_are_masked_in_params():
     flat = flatten({"sweep": {"storage": "postgresql://user:s3cret@db:5432/rnn"}, "tracking": {"uri": "sqlite:///m.db"}})
     assert "s3cret" not in flat["sweep.storage"] and flat["sweep.storage"] == "postgresql://user:***@db:5432/rnn"
     assert flat["tracking.uri"] == "sqlite:///m.db"
+
+
+def test_a_sweep_that_fails_after_its_trials_still_ends_its_parent_run(store, client, tmp_path):
+    # writing the best config into an unwritable place raised after the trials and left the parent RUNNING
+    from rnnsearch.cli import rewrite_argv
+    from rnnsearch.search import run_sweep
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=rewrite_argv([
+            "+sweep", *TINY, f"tracking.uri={store}", "sweep.workers=1", "sweep.n_trials=1", "sweep.progress=plain",
+            "sweep.study_name=ends-parent", f"sweep.storage={tmp_path}/s.journal", "sweep.enqueue=[]",
+            "sweep.params.model.hidden_size=choice(4,8)", "sweep.best_config=/proc/nope/best.yaml"]))
+    with pytest.raises(OSError):
+        run_sweep(cfg, io.StringIO(), cli=[])
+    exp = client.get_experiment_by_name("ends-parent")
+    (parent,) = client.search_runs([exp.experiment_id], "tags.`rnnsearch.role` = 'sweep'")
+    assert parent.info.status == "FAILED"

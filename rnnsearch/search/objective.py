@@ -96,6 +96,10 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+#: The trial user attribute holding the config the trial trained (plain containers).
+CONFIG_ATTR = "config"
+
+
 @dataclass
 class TrialObjective:
     """Everything one trial needs; picklable, so worker processes get their own copy."""
@@ -125,6 +129,7 @@ class TrialObjective:
             comp = self.compose(trial)
             cfg = comp.cfg
             trial.set_user_attr("run_name", run_name(trial.number, cfg))
+            trial.set_user_attr(CONFIG_ATTR, cfg)  # what it trains: the best config is written from this record
             if self.max_params is not None:
                 n = count_params(cfg)
                 trial.set_user_attr("params", n)
@@ -160,8 +165,10 @@ class TrialObjective:
         missing = [k for k in self.objectives if k not in result]
         if missing:
             available = sorted(k for k, v in result.items() if isinstance(v, (int, float)))
-            raise ConfigError(f"sweep objective(s) {missing} are not metrics train() returns; "
-                              f"available: {', '.join(available)}.")
+            error = ConfigError(f"sweep objective(s) {missing} are not metrics train() returns; "
+                                f"available: {', '.join(available)}.")
+            self._ended(trial, pruning, start, str(error))  # the failure's reason, in the table and the study
+            raise error
         values = [float(result[k]) for k in self.objectives]
         return values[0] if len(values) == 1 else values
 

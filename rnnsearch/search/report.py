@@ -92,7 +92,7 @@ def failure_summary(study: optuna.Study, limit: int = 3) -> list[str]:
 
 
 def write_best_config(path: str, cfg: Mapping[str, Any], trial: FrozenTrial, study_name: str,
-                      objectives: Sequence[str], overrides: Sequence[str]) -> str:
+                      objectives: Sequence[str], overrides: Optional[Sequence[str]]) -> str:
     """Write the trial's full config as a Hydra primary config; returns the command that reruns it."""
     from omegaconf import OmegaConf
 
@@ -105,9 +105,9 @@ def write_best_config(path: str, cfg: Mapping[str, Any], trial: FrozenTrial, stu
         f"# Best trial {trial.number} ({trial_label(trial)}) of Optuna study '{study_name}': {values}.",
         "# The complete config of that trial, written by `python -m rnnsearch +sweep`. Rerun it with:",
         f"#   {rerun}",
-        "# or, as overrides of the default config:",
-        f"#   python -m rnnsearch {' '.join(overrides)}",
     ]
+    if overrides is not None:  # None: the study was resumed with other settings since the trial ran
+        header += ["# or, as overrides of the default config:", f"#   python -m rnnsearch {' '.join(overrides)}"]
     body = OmegaConf.to_yaml(OmegaConf.create(dict(cfg)))
     os.makedirs(directory, exist_ok=True)
     with open(path if path.endswith(".yaml") else path + ".yaml", "w") as f:

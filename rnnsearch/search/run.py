@@ -10,6 +10,7 @@ raises :class:`~rnnsearch.search.errors.SweepFailed` after the report.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import sys
@@ -25,13 +26,13 @@ from rnnsearch.errors import ConfigError
 
 from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
 from .errors import SweepFailed
-from .objective import TrialObjective, pruning_key
+from .objective import CONFIG_ATTR, TrialObjective, pruning_key
 from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
 from .space import LAYER_TEMPLATE, Param, describe, flatten, parse_space
-from .study import (grid_space, make_storage, objectives_and_directions, open_study, space_fingerprint,
-                    storage_spec)
+from .study import (grid_space, make_pruner, make_sampler, make_storage, objectives_and_directions, open_study,
+                    space_fingerprint, storage_spec)
 from .workers import WorkerJob, cpu_count, recover_orphans, resolve_workers, run_workers
 
 
@@ -253,6 +254,14 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
         print(f"note: trial(s) {orphans} were left running by a worker that is gone; marked FAIL and re-queued.",
               file=out)
     max_layers = _max_layers(space, int(first.cfg.get("model", {}).get("num_layers", 1)))
+    epochs = int(first.cfg.get("train", {}).get("epochs", 1))
+    n_trials = settings.n_trials
+    if settings.sampler == "grid":  # past its size a grid only repeats points (GridSampler re-runs one at random)
+        n_trials = min(n_trials, math.prod(len(v) for v in grid_space(space, max_layers).values()))
+    # the workers build these; a bad option must stop the sweep here, once, before any run or worker starts
+    make_sampler(settings, space, settings.seed, n_trials, max_layers)
+    make_pruner(settings, epochs)
+
     for params in _check_enqueue(settings.enqueue, space, max_layers, out):
         study.enqueue_trial(params, skip_if_exists=True)
 
@@ -262,7 +271,6 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     finished = sum(t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED) for t in trials)
     key = pruning_key(objectives[0]) if len(objectives) == 1 else None
     prune = settings.pruner != "none" and key is not None
-    epochs = int(first.cfg.get("train", {}).get("epochs", 1))
     _print_header(out, study_name, spec, settings, n, devices, objectives, directions, space, finished, prune)
     if shadowed:
         print(f"note: your command line overrides sweep.overrides {', '.join(shadowed)}", file=out)
@@ -270,64 +278,98 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     from rnnsearch.tracking import finish_sweep_run, start_sweep_run
 
     parent_run_id = start_sweep_run(cfg, study_name)
-    objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
-                               prune_key=key or "", prune=prune, max_params=settings.max_params,
-                               study_name=study_name, parent_run_id=parent_run_id)
-    threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
-    n_trials = settings.n_trials
-    if settings.sampler == "grid":  # past its size a grid only repeats points (GridSampler re-runs one at random)
-        n_trials = min(n_trials, math.prod(len(v) for v in grid_space(space, max_layers).values()))
-    job = WorkerJob(settings=settings, storage=spec, study_name=study_name, objective=objective,
-                    n_trials=n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
-                    threads=threads)
-    progress = SweepProgress(study_name, n_trials, objectives, directions, start_number, n,
-                             mode=settings.progress, stream=out)
-    poll_study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
-    progress.start()
-    t0 = time.monotonic()
-    interrupted = False
-    stopped: Optional[str] = None
+    ended = False
     try:
-        stopped = run_workers(job, devices, poll=lambda: progress.update(poll_study.get_trials(deepcopy=False)),
-                              log=lambda m: print(m, file=out, flush=True))
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.update(poll_study.get_trials(deepcopy=False))
-        progress.close()
-    elapsed = time.monotonic() - t0
+        objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
+                                   prune_key=key or "", prune=prune, max_params=settings.max_params,
+                                   study_name=study_name, parent_run_id=parent_run_id)
+        threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
+        job = WorkerJob(settings=settings, storage=spec, study_name=study_name, objective=objective,
+                        n_trials=n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
+                        threads=threads)
+        progress = SweepProgress(study_name, n_trials, objectives, directions, start_number, n,
+                                 mode=settings.progress, stream=out)
+        poll_study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
+        progress.start()
+        t0 = time.monotonic()
+        interrupted = False
+        stopped: Optional[str] = None
+        try:
+            stopped = run_workers(job, devices, poll=lambda: progress.update(poll_study.get_trials(deepcopy=False)),
+                                  log=lambda m: print(m, file=out, flush=True))
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.update(poll_study.get_trials(deepcopy=False))
+            progress.close()
+        elapsed = time.monotonic() - t0
 
-    study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
-    best = report(study, objectives, directions, settings.top, out, rich=progress.mode == "live")
-    summary: dict[str, Any] = {"study": study_name, "storage": spec, "seconds": elapsed, "stopped": stopped}
-    for state in ("complete", "pruned", "fail"):
-        summary["failed" if state == "fail" else state] = len(study.get_trials(
-            deepcopy=False, states=(getattr(optuna.trial.TrialState, state.upper()),)))
-    summary["trials"] = summary["complete"] + summary["pruned"]
-    summary.update(best_value=None, best_params=None, best_config=None, rerun=None)
-    if best is not None:
-        summary.update(best_value=best.values[0] if len(best.values) == 1 else list(best.values),
-                       best_params=dict(best.params), best_number=best.number)
-        comp = compose_trial(base, space, replay(best.params), group_options, fixed)
+        study = optuna.load_study(study_name=study_name, storage=make_storage(spec, settings))
+        best = report(study, objectives, directions, settings.top, out, rich=progress.mode == "live")
+        summary: dict[str, Any] = {"study": study_name, "storage": spec, "seconds": elapsed, "stopped": stopped}
+        for state in ("complete", "pruned", "fail"):
+            summary["failed" if state == "fail" else state] = len(study.get_trials(
+                deepcopy=False, states=(getattr(optuna.trial.TrialState, state.upper()),)))
+        summary["trials"] = summary["complete"] + summary["pruned"]
+        summary.update(best_value=None, best_params=None, best_config=None, rerun=None)
+        if best is not None:
+            summary.update(best_value=best.values[0] if len(best.values) == 1 else list(best.values),
+                           best_params=dict(best.params), best_number=best.number)
+            best_cfg, overrides = _best_composition(best, base, space, fixed, group_options, groups, cli_overrides, out)
+            if settings.best_config:
+                path = settings.best_config.format(study=study_name)
+                rerun = write_best_config(path, best_cfg, best, study_name, objectives, overrides)
+                summary.update(best_config=path, rerun=rerun)
+                print(f"best composition (trial {best.number}) written to {path}; rerun it with:\n  {rerun}", file=out)
+            if overrides is not None:
+                print(f"or as overrides:\n  python -m rnnsearch {' '.join(overrides)}", file=out)
+            summary["overrides"] = overrides
+        if interrupted or (stopped and stopped.startswith("stopped")):
+            finish_sweep_run(cfg, parent_run_id, study, status="KILLED" if interrupted else "FAILED")
+        else:
+            finish_sweep_run(cfg, parent_run_id, study)
+        ended = True
+        if interrupted:
+            print("interrupted: finished trials are stored; rerun the same command to resume.", file=out)
+            raise KeyboardInterrupt
+        if stopped and stopped.startswith("stopped"):
+            raise SweepFailed(f"sweep {study_name} {stopped}")
+        return summary
+    except Exception:
+        if not ended:  # never leave the parent run RUNNING (a bad best_config path, a broken storage, ...)
+            finish_sweep_run(cfg, parent_run_id, study, status="FAILED")
+        raise
+
+
+def _best_composition(best: Any, base: Mapping[str, Any], space: list[Param], fixed: list[Param],
+                      group_options: Any, groups: list[str], cli_overrides: list[str],
+                      out: TextIO) -> tuple[dict[str, Any], Optional[list[str]]]:
+    """The best trial's config, and the overrides of the default config that rerun it (None: none do).
+
+    The trial's own record (``CONFIG_ATTR``) wins: a resumed study may have changed the space, the overrides or
+    the command line since the trial ran, and recomposing its params with today's settings would then write
+    another model, or another budget, than the one that scored best.
+    """
+    recorded = best.user_attrs.get(CONFIG_ATTR)
+    try:
+        comp: Optional[Composition] = compose_trial(base, space, replay(best.params), group_options, fixed)
+    except ConfigError:  # e.g. a key searched now that the trial never sampled
+        comp = None
+    if comp is not None and (recorded is None or _as_stored(comp.cfg) == _as_stored(recorded)):
         overrides = _trial_overrides(comp, base, fixed, group_options, groups)
-        overrides = _user_overrides(cli_overrides, overrides, comp.cfg) + overrides
-        if settings.best_config:
-            path = settings.best_config.format(study=study_name)
-            rerun = write_best_config(path, comp.cfg, best, study_name, objectives, overrides)
-            summary.update(best_config=path, rerun=rerun)
-            print(f"best composition (trial {best.number}) written to {path}; rerun it with:\n  {rerun}", file=out)
-        print(f"or as overrides:\n  python -m rnnsearch {' '.join(overrides)}", file=out)
-        summary["overrides"] = overrides
-    if interrupted or (stopped and stopped.startswith("stopped")):
-        finish_sweep_run(cfg, parent_run_id, study, status="KILLED" if interrupted else "FAILED")
-    else:
-        finish_sweep_run(cfg, parent_run_id, study)
-    if interrupted:
-        print("interrupted: finished trials are stored; rerun the same command to resume.", file=out)
-        raise KeyboardInterrupt
-    if stopped and stopped.startswith("stopped"):
-        raise SweepFailed(f"sweep {study_name} {stopped}")
-    return summary
+        return comp.cfg, _user_overrides(cli_overrides, overrides, comp.cfg) + overrides
+    if recorded is None:
+        raise ConfigError(f"The best trial {best.number} cannot be recomposed with this sweep's settings and "
+                          f"predates the recorded configs; rerun it from its params: {dict(best.params)}.")
+    print(f"note: trial {best.number} (the best) ran with other settings than this run's (the study was resumed "
+          f"with another space, sweep.overrides or command line): its config is written as it trained, and no "
+          f"override list is printed.", file=out)
+    return dict(recorded), None
+
+
+def _as_stored(cfg: Any) -> Any:
+    """``cfg`` as a JSON storage gives it back (tuples as lists, int keys as strings), to compare records."""
+    return json.loads(json.dumps(cfg, sort_keys=True, default=str))
 
 
 def _trial_overrides(comp: Composition, base: Mapping[str, Any], fixed: list[Param], group_options: Any,

@@ -72,8 +72,13 @@ def make_storage(spec: str, settings: SweepSettings) -> optuna.storages.BaseStor
     from optuna.storages.journal import JournalFileBackend, JournalRedisBackend
 
     if not is_url(spec):
-        os.makedirs(os.path.dirname(spec) or ".", exist_ok=True)
-        return JournalStorage(JournalFileBackend(spec))
+        try:
+            os.makedirs(os.path.dirname(spec) or ".", exist_ok=True)
+            return JournalStorage(JournalFileBackend(spec))
+        except OSError as exc:
+            raise ConfigError(f"sweep.storage={spec!r} cannot be used as a journal file ({exc.strerror or exc}); "
+                              f"give a file path (default: <study>.journal here) or a database URL such as "
+                              f"postgresql://user@host/db.") from None
     if spec.startswith("redis"):
         return JournalStorage(JournalRedisBackend(spec))
     with warnings.catch_warnings():
@@ -89,6 +94,10 @@ def make_storage(spec: str, settings: SweepSettings) -> optuna.storages.BaseStor
         except ImportError as exc:
             raise ConfigError(f"sweep.storage={spec!r} needs a database driver: {exc}. For PostgreSQL: "
                               f"pip install 'rnnsearch[postgres]' (psycopg2-binary).") from None
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy's errors for a bad URL or an unreachable server
+            raise ConfigError(f"sweep.storage={spec!r} cannot be opened: {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''} (a journal file path, or a URL "
+                              f"such as sqlite:///sweep.db or postgresql://user@host/db).") from None
 
 
 def make_sampler(settings: SweepSettings, space: Sequence[Param], seed: int, n_trials: int,
@@ -122,7 +131,7 @@ def make_sampler(settings: SweepSettings, space: Sequence[Param], seed: int, n_t
                 return s.NSGAIISampler(seed=seed, **opts)
             if name == "grid":
                 return s.GridSampler(grid_space(space, max_layers), seed=seed, **opts)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:  # an unknown option, or a value the sampler rejects
             raise ConfigError(f"sweep.sampler_options for sampler {name!r}: {exc}.") from None
     raise ConfigError(f"Unknown sampler {name!r}.")  # unreachable: settings are checked
 
@@ -181,7 +190,7 @@ def make_pruner(settings: SweepSettings, epochs: int) -> optuna.pruners.BasePrun
             opts.setdefault("reduction_factor", 3)
             return p.SuccessiveHalvingPruner(**opts)
         return p.NopPruner(**opts)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # an unknown option, or a value the pruner rejects
         raise ConfigError(f"sweep.pruner_options for pruner {settings.pruner!r}: {exc}.") from None
 
 

@@ -65,8 +65,10 @@ def start_sweep_run(cfg: Any, study_name: str) -> Optional[str]:
     try:
         return start_parent(settings, cfg, study_name)
     except Exception as exc:
-        raise RuntimeError(f"MLflow tracking at tracking.uri={settings.uri!r} failed: {type(exc).__name__}: {exc} "
-                           "(set tracking.uri, or tracking=none to run without tracking)") from exc
+        from rnnsearch.errors import ConfigError
+
+        raise ConfigError(f"MLflow tracking at tracking.uri={settings.uri!r} failed: {type(exc).__name__}: {exc} "
+                          "(set tracking.uri, or tracking=none to run without tracking)") from exc
 
 
 def finish_sweep_run(cfg: Any, parent_run_id: Optional[str], study: Any, status: str = "FINISHED") -> None:
