@@ -220,6 +220,11 @@ def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="valid choices: hyperband, median, none, successive_halving"):
         sweep(sweep_cfg(tmp_path, "sweep.pruner=asha"))
+    # a name no registry has failed trial after trial instead
+    with pytest.raises(ConfigError, match=r"Unknown cell.name in sweep.params 'foo'; valid choices: .*gru.*lstm"):
+        sweep(sweep_cfg(tmp_path, "sweep.params.cell.name=choice(lstm,foo)"))
+    with pytest.raises(ConfigError, match=r"Unknown model.wrappers.0.name in sweep.params 'drop'; .*dropout.*none"):
+        sweep(sweep_cfg(tmp_path, "sweep.params.model.wrappers.0.name=choice(none,drop)"))
     # these were raw tracebacks (the sampler and pruner were only built inside the workers)
     with pytest.raises(ConfigError, match="sweep.pruner_options for pruner 'median'.*n_startup_trials"):
         sweep(sweep_cfg(tmp_path, "+sweep.pruner_options.n_startup_trials=-1"))

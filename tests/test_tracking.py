@@ -297,18 +297,39 @@ def test_url_passwords_are_masked_in_params():
     assert flat["tracking.uri"] == "sqlite:///m.db"
 
 
-def test_a_sweep_that_fails_after_its_trials_still_ends_its_parent_run(store, client, tmp_path):
-    # writing the best config into an unwritable place raised after the trials and left the parent RUNNING
+def _tracked_sweep(store: str, journal: Path, study: str, *extra: str) -> dict:
     from rnnsearch.cli import rewrite_argv
     from rnnsearch.search import run_sweep
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=rewrite_argv([
             "+sweep", *TINY, f"tracking.uri={store}", "sweep.workers=1", "sweep.n_trials=1", "sweep.progress=plain",
-            "sweep.study_name=ends-parent", f"sweep.storage={tmp_path}/s.journal", "sweep.enqueue=[]",
-            "sweep.params.model.hidden_size=choice(4,8)", "sweep.best_config=/proc/nope/best.yaml"]))
+            f"sweep.study_name={study}", f"sweep.storage={journal}", "sweep.enqueue=[]", "sweep.best_config=null",
+            "sweep.params.model.hidden_size=choice(4,8)", *extra]))
+    return run_sweep(cfg, io.StringIO(), cli=[])
+
+
+def _sweep_parents(client, study: str) -> list:
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], "tags.`rnnsearch.role` = 'sweep'")
+
+
+def test_a_sweep_that_fails_after_its_trials_still_ends_its_parent_run(store, client, tmp_path):
+    # writing the best config into an unwritable place raised after the trials and left the parent RUNNING
     with pytest.raises(OSError):
-        run_sweep(cfg, io.StringIO(), cli=[])
-    exp = client.get_experiment_by_name("ends-parent")
-    (parent,) = client.search_runs([exp.experiment_id], "tags.`rnnsearch.role` = 'sweep'")
+        _tracked_sweep(store, tmp_path / "s.journal", "ends-parent", "sweep.best_config=/proc/nope/best.yaml")
+    (parent,) = _sweep_parents(client, "ends-parent")
     assert parent.info.status == "FAILED"
+
+
+def test_a_new_study_under_an_old_name_gets_its_own_parent_run(store, client, tmp_path):
+    # found by name alone, it joined the old study's parent: old values, old best_run, counts kept at their maximum
+    _tracked_sweep(store, tmp_path / "a.journal", "reused-name", "sweep.n_trials=2")
+    _tracked_sweep(store, tmp_path / "a.journal", "reused-name", "sweep.n_trials=2")  # a resume: the same parent
+    assert len(_sweep_parents(client, "reused-name")) == 1
+    _tracked_sweep(store, tmp_path / "b.journal", "reused-name")  # a new study, one trial
+    flush()
+    parents = sorted(_sweep_parents(client, "reused-name"), key=lambda r: r.info.start_time)
+    assert len(parents) == 2 and parents[1].data.metrics["trials/complete"] == 1
+    assert parents[0].data.metrics["trials/complete"] == 2
+    assert parents[0].data.tags["rnnsearch.study_id"] != parents[1].data.tags["rnnsearch.study_id"]

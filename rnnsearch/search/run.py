@@ -22,7 +22,7 @@ from typing import Any, Optional, TextIO
 
 from omegaconf import OmegaConf
 
-from rnnsearch.errors import ConfigError
+from rnnsearch.errors import ConfigError, choice_error
 
 from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
 from .errors import SweepFailed
@@ -32,7 +32,7 @@ from .report import report, write_best_config
 from .settings import SweepSettings
 from .space import LAYER_TEMPLATE, Param, describe, flatten, parse_space
 from .study import (grid_space, make_pruner, make_sampler, make_storage, objectives_and_directions, open_study,
-                    space_fingerprint, storage_spec)
+                    space_fingerprint, storage_spec, study_identity)
 from .workers import WorkerJob, cpu_count, recover_orphans, resolve_workers, run_workers
 
 
@@ -86,6 +86,25 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
             continue
         result.append(flat)
     return result
+
+
+def _check_names(params: list[Param]) -> None:
+    """Every cell, wrapper, task and optimizer name the sweep may pick exists (else each trial would fail)."""
+    from rnnsearch.cells import list_cells, list_wrappers
+    from rnnsearch.tasks import list_tasks
+    from rnnsearch.train import OPTIMIZERS
+
+    registries = [(re.compile(r"(model\.layers\.[^.]+\.)?cell\.name$"), list_cells),
+                  (re.compile(r"model\.(layers\.[^.]+\.)?wrappers\.[^.]+\.name$"), lambda: [*list_wrappers(), "none"]),
+                  (re.compile(r"task\.name$"), list_tasks), (re.compile(r"optim\.name$"), lambda: list(OPTIMIZERS))]
+    for p in params:
+        for pattern, names in registries:
+            if pattern.match(p.key):
+                values = [p.value] if p.fixed else list(getattr(p.dist, "choices", ()))
+                valid = names()
+                for v in values:
+                    if v is not None and str(v) not in valid:
+                        raise choice_error(f"{p.key} in sweep.{'overrides' if p.fixed else 'params'}", v, valid)
 
 
 def _forward_only(space: list[Param], task: str, out: TextIO) -> list[Param]:
@@ -222,6 +241,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
         raise ConfigError("sweep.params has nothing to search: give at least one choice(...), range(...) or "
                           "interval(...), e.g. sweep.params.model.hidden_size='choice(32,64)'.")
 
+    _check_names([*fixed, *space])
     first = compose_trial(base, [], replay({}), group_options, fixed)  # base + sweep.overrides
     from rnnsearch.tasks import TASKS
     from rnnsearch.tasks.base import check_direction
@@ -277,7 +297,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
 
     from rnnsearch.tracking import finish_sweep_run, start_sweep_run
 
-    parent_run_id = start_sweep_run(cfg, study_name)
+    parent_run_id = start_sweep_run(cfg, study_name, study_identity(study))
     ended = False
     try:
         objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 import warnings
 import zlib
 from collections.abc import Sequence
@@ -215,6 +216,15 @@ def objectives_and_directions(settings: SweepSettings, metric: str, direction: s
             raise ConfigError(f"Cannot tell whether sweep objective {name!r} should be minimised or maximised; "
                               f"set sweep.directions (one of minimize/maximize per objective).")
     return names, dirs
+
+
+def study_identity(study: optuna.Study) -> str:
+    """A random id stored with the study at its first run: tells it from a later study under the same name."""
+    value = study.user_attrs.get("rnnsearch_id")
+    if value is None:
+        value = uuid.uuid4().hex
+        study.set_user_attr("rnnsearch_id", value)
+    return str(value)
 
 
 def open_study(study_name: str, storage: optuna.storages.BaseStorage, directions: list[str],

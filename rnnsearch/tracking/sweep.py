@@ -22,14 +22,22 @@ ROLE_TAG = "rnnsearch.role"  # "sweep" on parent runs
 STUDY_TAG = "study"
 
 
-def _parents(client: Any, experiment_id: str, study_name: str) -> list[Any]:
+STUDY_ID_TAG = "rnnsearch.study_id"  # the Optuna study's own id: a new study under an old name gets a new parent
+
+
+def _parents(client: Any, experiment_id: str, study_name: str, study_id: Optional[str]) -> list[Any]:
     runs = client.search_runs([experiment_id], filter_string=f"tags.`{ROLE_TAG}` = 'sweep'", max_results=1000)
-    runs = [r for r in runs if r.data.tags.get(STUDY_TAG) == study_name]
+    runs = [r for r in runs if r.data.tags.get(STUDY_TAG) == study_name
+            and (study_id is None or r.data.tags.get(STUDY_ID_TAG) == study_id)]
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
-    """Create or reuse the parent run of ``study_name``; returns its run id."""
+def start_parent(settings: TrackingSettings, cfg: Any, study_name: str, study_id: Optional[str] = None) -> str:
+    """Create or reuse the parent run of ``study_name`` (of the study with ``study_id``); returns its run id.
+
+    ``study_id`` tells a resumed study (same id: its parent is reused) from a new study under a name used
+    before (its journal deleted, say): that one gets its own parent run, not the old study's summary.
+    """
     uri = settings.uri
     client = worker.client(uri)
     if settings.sweep_experiment:
@@ -39,7 +47,7 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
     else:
         eid = worker.experiment_id(uri, study_name, tags={"mlflow.note.content": f"Optuna study `{study_name}` "
                                                           "(rnnsearch sweep): one child run per trial."})
-    found = _parents(client, eid, study_name)
+    found = _parents(client, eid, study_name, study_id)
     full = {k: v for k, v in to_dict(cfg).items() if k != "hydra"}
     if isinstance(full.get("sweep"), dict):  # the saved config resumes this very study
         full["sweep"]["study_name"] = study_name
@@ -50,8 +58,9 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str) -> str:
         params = {k: v for k, v in params.items() if k not in run.data.params}  # params are write-once
     else:
         run = client.create_run(eid, run_name=study_name, tags=worker.run_tags(
-            {ROLE_TAG: "sweep", STUDY_TAG: study_name, **(settings.sweep_tags or {})}))
-        found = _parents(client, eid, study_name)
+            {ROLE_TAG: "sweep", STUDY_TAG: study_name, **({STUDY_ID_TAG: study_id} if study_id else {}),
+             **(settings.sweep_tags or {})}))
+        found = _parents(client, eid, study_name, study_id)
         if found and found[0].info.run_id != run.info.run_id:  # lost a creation race with another worker
             client.delete_run(run.info.run_id)
             run = found[0]
