@@ -333,3 +333,23 @@ def test_a_new_study_under_an_old_name_gets_its_own_parent_run(store, client, tm
     assert len(parents) == 2 and parents[1].data.metrics["trials/complete"] == 1
     assert parents[0].data.metrics["trials/complete"] == 2
     assert parents[0].data.tags["rnnsearch.study_id"] != parents[1].data.tags["rnnsearch.study_id"]
+
+
+def test_finishing_a_sweep_ends_the_child_run_of_a_trial_whose_worker_died(store, client):
+    # recover_orphans fails such a trial in Optuna, but its MLflow run stayed RUNNING for good
+    base = make_cfg(store)
+    parent = start_sweep_run(base, "orphans")
+    study = optuna.create_study(study_name="orphans")
+    dist = {"h": optuna.distributions.IntDistribution(4, 64)}
+    study.add_trial(optuna.trial.create_trial(params={"h": 4}, distributions=dist, value=0.5))
+    study.add_trial(optuna.trial.create_trial(params={"h": 8}, distributions=dist, state=optuna.trial.TrialState.FAIL,
+                                              user_attrs={"reason": "worker process 4242 died"}))
+    eid = client.get_run(parent).info.experiment_id
+    done, dead = (client.create_run(eid, run_name=f"t00{n}", tags={"mlflow.parentRunId": parent, "trial": str(n)})
+                  for n in (0, 1))
+    client.set_terminated(done.info.run_id, "FINISHED")
+    finish_sweep_run(base, parent, study)
+    dead = client.get_run(dead.info.run_id)
+    assert dead.info.status == "FAILED" and dead.data.tags["trial_state"] == "FAIL"
+    assert dead.data.tags["failure_reason"] == "worker process 4242 died"
+    assert client.get_run(done.info.run_id).info.status == "FINISHED"

@@ -75,8 +75,9 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str, study_id
     return run_id
 
 
-def _child_names(client: Any, experiment_id: str, parent_run_id: str) -> dict[int, str]:
-    names: dict[int, str] = {}
+def _children(client: Any, experiment_id: str, parent_run_id: str) -> dict[int, Any]:
+    """The parent's child runs by trial number."""
+    runs: dict[int, Any] = {}
     token = None
     while True:
         page = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
@@ -84,10 +85,24 @@ def _child_names(client: Any, experiment_id: str, parent_run_id: str) -> dict[in
         for r in page:
             trial = r.data.tags.get("trial")
             if trial is not None and trial.lstrip("-").isdigit():
-                names[int(trial)] = r.info.run_name
+                runs[int(trial)] = r
         token = page.token
         if not token:
-            return names
+            return runs
+
+
+def _end_orphans(client: Any, children: dict[int, Any], trials: list[Any]) -> None:
+    """End FAILED the child runs still RUNNING whose trial failed: their worker died before it could end them."""
+    import optuna
+    from mlflow.entities import RunTag
+
+    for t in trials:
+        run = children.get(t.number)
+        if run is None or run.info.status != "RUNNING" or t.state != optuna.trial.TrialState.FAIL:
+            continue
+        reason = str(t.user_attrs.get("reason", "the trial failed"))[:5000]
+        client.log_batch(run.info.run_id, tags=[RunTag("trial_state", "FAIL"), RunTag("failure_reason", reason)])
+        client.set_terminated(run.info.run_id, "FAILED")
 
 
 def finish_parent(settings: TrackingSettings, parent_run_id: str, study: Any, status: str = "FINISHED") -> None:
@@ -97,8 +112,10 @@ def finish_parent(settings: TrackingSettings, parent_run_id: str, study: Any, st
 
     client = worker.client(settings.uri)
     parent = client.get_run(parent_run_id)
-    run_names = _child_names(client, parent.info.experiment_id, parent_run_id)
+    children = _children(client, parent.info.experiment_id, parent_run_id)
+    run_names = {n: r.info.run_name for n, r in children.items()}
     trials = study.get_trials(deepcopy=False)
+    _end_orphans(client, children, trials)
     done = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     states = [t.state.name.lower() for t in trials]
     now = int(parent.info.start_time)
