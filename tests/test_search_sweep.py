@@ -186,6 +186,32 @@ def test_grid_sampler_stops_when_the_grid_is_exhausted(tmp_path: Path) -> None:
         ("gru", 4), ("gru", 8), ("rnn", 4), ("rnn", 8)]
 
 
+def test_grid_on_a_conditional_space_trains_each_composition_once(tmp_path: Path) -> None:
+    # forget_bias applies to lstm only: the grid points (gru, 0.0) and (gru, 1.0) are one model, trained twice before
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=20", "sweep.sampler=grid", "sweep.enqueue=[]", "sweep.pruner=none")
+    cfg.sweep.params = {"cell": {"name": "choice(lstm, gru)", "forget_bias": "choice(0.0, 1.0)"},
+                        "model": {"hidden_size": 4}}
+    summary, _ = sweep(cfg)
+    trials = load(tmp_path).trials
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(trials) == 4 and len(complete) == 3
+    assert sorted(map(str, (t.params for t in complete))) == sorted(map(str, [
+        {"cell.name": "gru"}, {"cell.name": "lstm", "cell.forget_bias": 0.0},
+        {"cell.name": "lstm", "cell.forget_bias": 1.0}]))
+    (dup,) = [t for t in trials if t.state == TrialState.PRUNED]
+    assert dup.params == {"cell.name": "gru"} and dup.user_attrs["reason"].startswith("rejected: duplicate of trial")
+
+
+def test_grid_with_an_enqueued_point_still_visits_every_point(tmp_path: Path) -> None:
+    # GridSampler does not mark an enqueued trial's point visited, and the cap at the grid's size left one unrun
+    cfg = sweep_cfg(tmp_path, "sweep.n_trials=10", "sweep.sampler=grid", "sweep.pruner=none",
+                    "sweep.enqueue=[{model:{hidden_size:4}}]")
+    cfg.sweep.params = {"model": {"hidden_size": "choice(4, 8)"}}
+    sweep(cfg)
+    trials = load(tmp_path).trials
+    assert sorted(t.params["model.hidden_size"] for t in trials if t.state == TrialState.COMPLETE) == [4, 8]
+
+
 def test_grid_points_run_once_each_with_parallel_workers_and_on_resume(tmp_path: Path) -> None:
     # GridSampler gives trial n the n-th point of its seeded shuffle of the grid: with a different seed per
     # worker (as the other samplers get), two workers starting together ran one point twice.

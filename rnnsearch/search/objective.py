@@ -114,6 +114,7 @@ class TrialObjective:
     max_params: Optional[int] = None
     study_name: str = ""
     parent_run_id: Optional[str] = None
+    skip_duplicates: bool = False  # grid: a point that differs from an earlier one only in keys that do not apply
     on_start: Any = field(default=None, repr=False, compare=False)  # called once the trial exists (claim release)
 
     def compose(self, trial: optuna.Trial) -> Composition:
@@ -130,6 +131,10 @@ class TrialObjective:
             cfg = comp.cfg
             trial.set_user_attr("run_name", run_name(trial.number, cfg))
             trial.set_user_attr(CONFIG_ATTR, cfg)  # what it trains: the best config is written from this record
+            earlier = same_composition(trial, comp.params) if self.skip_duplicates else None
+            if earlier is not None:
+                raise _Rejected(f"duplicate of trial {earlier} (this grid point differs from it only in keys "
+                                f"that do not apply to it)")
             if self.max_params is not None:
                 n = count_params(cfg)
                 trial.set_user_attr("params", n)
@@ -189,7 +194,16 @@ class TrialObjective:
 
 
 class _Rejected(Exception):
-    """The composition is over the parameter budget."""
+    """The composition is not trained: over the parameter budget, or a duplicate."""
+
+
+def same_composition(trial: optuna.Trial, params: dict[str, Any]) -> Optional[int]:
+    """The number of an earlier trial (running, complete or pruned) that sampled exactly ``params``, if any."""
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
+    for t in trial.study.get_trials(deepcopy=False, states=states):
+        if t.number < trial.number and t.params == params:
+            return t.number
+    return None
 
 
 def count_params(cfg: dict[str, Any]) -> int:

@@ -276,13 +276,15 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     max_layers = _max_layers(space, int(first.cfg.get("model", {}).get("num_layers", 1)))
     epochs = int(first.cfg.get("train", {}).get("epochs", 1))
     n_trials = settings.n_trials
-    if settings.sampler == "grid":  # past its size a grid only repeats points (GridSampler re-runs one at random)
-        n_trials = min(n_trials, math.prod(len(v) for v in grid_space(space, max_layers).values()))
+    enqueued = _check_enqueue(settings.enqueue, space, max_layers, out)
+    if settings.sampler == "grid":  # past its size a grid only repeats points (GridSampler re-runs one at random);
+        # GridSampler leaves an enqueued trial's point unvisited, so those come on top
+        n_trials = min(n_trials, math.prod(len(v) for v in grid_space(space, max_layers).values()) + len(enqueued))
     # the workers build these; a bad option must stop the sweep here, once, before any run or worker starts
     make_sampler(settings, space, settings.seed, n_trials, max_layers)
     make_pruner(settings, epochs)
 
-    for params in _check_enqueue(settings.enqueue, space, max_layers, out):
+    for params in enqueued:
         study.enqueue_trial(params, skip_if_exists=True)
 
     trials = study.get_trials(deepcopy=False)
@@ -302,7 +304,8 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     try:
         objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
                                    prune_key=key or "", prune=prune, max_params=settings.max_params,
-                                   study_name=study_name, parent_run_id=parent_run_id)
+                                   study_name=study_name, parent_run_id=parent_run_id,
+                                   skip_duplicates=settings.sampler == "grid")
         threads = max(1, cpu_count() // n) if n > 1 and devices[0] is None else None
         job = WorkerJob(settings=settings, storage=spec, study_name=study_name, objective=objective,
                         n_trials=n_trials, start_number=start_number, epochs=epochs, max_layers=max_layers,
