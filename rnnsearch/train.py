@@ -273,3 +273,21 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     optimizer = make_optimizer(cfg.get("optim", {"name": "adam", "lr": 1e-3}), model.parameters())
     keep_folds_out_of_weight_decay(model, optimizer)  # a fused LSTM decays like the cell path
     return fit(model, task, optimizer, cfg.get("train", {}), device, callbacks, info={"cfg": cfg}, seed=seed)
+
+
+def result_keys(cfg: Any) -> set[str]:
+    """The numeric keys :func:`train` returns for ``cfg``, without training (for checking sweep objectives).
+
+    The task's metric names come from one forward pass of the untrained model on two validation examples.
+    """
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    task = create_task(cfg["task"])
+    model = build_model(cfg, task.input_size, task.output_size, per_step=task.per_step,
+                        token_input=task.token_input).eval()
+    batch = next(iter(task.batches("val", 2, "cpu")))
+    with torch.no_grad():
+        names = task.metric_sums(model(batch.x, _lengths(model, batch)).float(), batch)
+    keys = {"train/loss", "epoch_seconds", "tokens_per_s", f"best/val/{task.metric}", "best_epoch", "epochs",
+            "steps", "params", *(f"{split}/{k}" for split in ("val", "test") for k in names)}
+    return keys | ({"solved"} if task.solved is not None else set())

@@ -169,3 +169,14 @@ def test_the_training_loss_is_a_mean_over_examples_not_over_batches(task):
     train(compose_config([*TINY, f"task={task}", "task.train_size=70", "train.batch_size=64", "optim.lr=1e-12",
                           *extra]), callbacks=[ref])  # weights fixed: the epoch's loss is the split's
     assert ref.train_loss == pytest.approx(ref.loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("task", ["adding", "tagging"])
+def test_result_keys_are_the_numeric_keys_train_returns(task):
+    # sweeps check their objectives against result_keys before any trial: it must not drift from train()
+    from rnnsearch.train import result_keys
+
+    cfg = compose_config([*SMALL, f"task={task}", *(["task.min_len=5"] if task == "tagging" else [])])
+    result = train(cfg)
+    numeric = {k for k, v in result.items() if isinstance(v, (int, float))}
+    assert result_keys(cfg) == numeric

@@ -88,6 +88,17 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
     return result
 
 
+def _check_objectives(objectives: list[str], cfg: dict[str, Any]) -> None:
+    """Every objective is a number ``train()`` returns (else each trial would train, then fail)."""
+    from rnnsearch.train import result_keys
+
+    available = result_keys(cfg)
+    missing = [o for o in objectives if o not in available]
+    if missing:
+        raise ConfigError(f"sweep.objectives {missing} are not results of a trial on task "
+                          f"'{cfg['task']['name']}'; valid objectives: {', '.join(sorted(available))}.")
+
+
 def _check_names(params: list[Param]) -> None:
     """Every cell, wrapper, task and optimizer name the sweep may pick exists (else each trial would fail)."""
     from rnnsearch.cells import list_cells, list_wrappers
@@ -251,6 +262,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     if task_cls.causal:
         space = _forward_only(space, task_cls.registry_name, out)
     objectives, directions = objectives_and_directions(settings, task_cls.metric, task_cls.direction)
+    _check_objectives(objectives, first.cfg)
     study_name = settings.study_name or f"{sweep_name or 'sweep'}-{first.cfg['task']['name']}"
     spec = storage_spec(settings.storage, study_name)
     n, devices = resolve_workers(settings.workers)
