@@ -68,6 +68,10 @@ MODEL_KEYS = ("hidden_size", "num_layers", "bidirectional", "merge_mode", "wrapp
 
 def resolve_layers(cfg: Any) -> list[LayerSpec]:
     """Turn ``cfg.cell`` + ``cfg.model`` into one :class:`LayerSpec` per layer, checking sizes and names."""
+    for section, example in (("model", "{hidden_size: 64}"), ("cell", "{name: lstm}")):
+        if not isinstance(cfg.get(section) if isinstance(cfg, Mapping) else None, Mapping):
+            raise ConfigError(f"build_model needs a config with a '{section}' mapping (e.g. {section}: {example}), "
+                              f"got {section}={cfg.get(section) if isinstance(cfg, Mapping) else cfg!r}.")
     model = _plain(cfg["model"])
     check_known_keys("model", model.keys(), MODEL_KEYS)
     base_cell = dict(_plain(cfg["cell"]))
@@ -167,8 +171,8 @@ def build_model(cfg: Any, input_size: int, output_size: int, *, per_step: bool =
     With ``model.compile=true`` the cell-by-cell path's time loop is compiled
     (lazily, at the first training step); ``auto`` is left to :func:`rnnsearch.train`.
     """
+    specs = resolve_layers(cfg)  # checks the sections first
     model = _plain(cfg["model"])
-    specs = resolve_layers(cfg)
     bidirectional = check_bool("model.bidirectional", model.get("bidirectional", False))
     merge_mode = model.get("merge_mode", "concat")
     if merge_mode not in MERGE_MODES:

@@ -25,9 +25,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """Maps names to classes (or factories) of one kind."""
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None,
+                 check: Callable[[Any], str | None] | None = None) -> None:
         self.kind = kind
         self.group = entry_point_group
+        self.check = check  # what is wrong with an object offered for registration (None: nothing)
         self._items: dict[str, T] = {}
         self._plugins_loaded = entry_point_group is None
 
@@ -37,6 +39,9 @@ class Registry(Generic[T]):
             raise ConfigError(f"A {self.kind} name must be a non-empty string, got {name!r}.")
 
         def deco(obj: T) -> T:
+            problem = self.check(obj) if self.check is not None else None
+            if problem:
+                raise TypeError(f"Cannot register {_qualname(obj)} as {self.kind} {name!r}: {problem}")
             if name in self._items and self._items[name] is not obj and not replace:
                 raise ConfigError(
                     f"A {self.kind} named {name!r} is already registered ({_qualname(self._items[name])}); "

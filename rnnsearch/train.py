@@ -47,8 +47,12 @@ def resolve_device(name: str) -> torch.device:
         n = torch.cuda.device_count()
         if n == 0 or (dev.index or 0) >= n:
             raise ConfigError(f"device={name!r} is not available: this machine has {n} CUDA device(s). Use device=auto or cpu.")
-    elif dev.type not in ("cpu", "mps"):
-        raise ConfigError(f"device={name!r} is not supported; valid: auto, cpu, cuda, cuda:N.")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError(f"device={name!r} is not available: this PyTorch or machine has no MPS (Apple GPU). "
+                              f"Use device=auto or cpu.")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device={name!r} is not supported; valid: auto, cpu, cuda, cuda:N, mps.")
     return dev
 
 

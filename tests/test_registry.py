@@ -4,6 +4,7 @@ usable from Python and from the command line."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -172,6 +173,34 @@ def test_a_step_that_returns_other_widths_than_declared_is_an_error(lengths):
 
     with pytest.raises(ValueError, match=r"TwoStates declares state_size \(4,\).*returned a state of widths \(4, 4\)"):
         TwoStates(4, 4).forward_sequence(torch.zeros(2, 3, 4), lengths=lengths)
+
+
+def test_only_rnncell_classes_built_from_two_sizes_can_be_registered(isolated_cells):
+    # a lambda, a non-cell class or a cell without (input_size, hidden_size) was accepted and failed only when built
+    from rnnsearch import register_wrapper
+
+    class NoSizes(RNNCell):
+        def __init__(self, hidden_size):
+            super().__init__(1, hidden_size)
+
+        def forward(self, x_t, state):
+            return x_t, state
+
+    for obj, words in ((lambda i, h: None, "derived from rnnsearch.RNNCell"), (int, "derived from rnnsearch.RNNCell"),
+                       (NoSizes, "(input_size, hidden_size)")):
+        with pytest.raises(TypeError, match=re.escape(words)):
+            register_cell("bad_one")(obj)
+    assert "bad_one" not in list_cells()
+    with pytest.raises(TypeError, match="derived from rnnsearch.cells.wrappers.CellWrapper"):
+        register_wrapper("bad_wrapper")(NoSizes)
+
+
+def test_build_model_without_a_cell_or_model_section_is_a_config_error():
+    for cfg, words in (({"model": {"hidden_size": 4}}, "'cell' mapping"),
+                       ({"cell": "gru", "model": {"hidden_size": 4}}, "cell='gru'"),
+                       ({"cell": {"name": "gru"}}, "'model' mapping")):
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            build_model(cfg, 2, 1)
 
 
 def test_unknown_cell_lists_the_valid_names():

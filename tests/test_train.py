@@ -147,6 +147,9 @@ def test_resolve_device():
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ConfigError, match="auto, cpu, cuda, cuda:N"):
         resolve_device("gpu0")
+    if not torch.backends.mps.is_available():  # it passed, then failed in .to() with PyTorch's own error
+        with pytest.raises(ConfigError, match="device='mps' is not available.*auto or cpu"):
+            resolve_device("mps")
 
 
 @pytest.mark.parametrize("task", ["adding", "tagging"])

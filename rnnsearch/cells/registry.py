@@ -8,6 +8,7 @@ name in ``conf/cell/`` and the cell's ``name`` option.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -16,7 +17,19 @@ from rnnsearch.registry import Registry, check_options
 
 from .base import RNNCell
 
-CELLS: Registry[type[RNNCell]] = Registry("cell", entry_point_group="rnnsearch.cells")
+def _check_cell_class(obj: Any) -> str | None:
+    """Why ``obj`` cannot be a registry cell: it must be an RNNCell class built as ``cls(input_size, hidden_size)``."""
+    if not (isinstance(obj, type) and issubclass(obj, RNNCell)):
+        return "a cell must be a class derived from rnnsearch.RNNCell (see README, 'Your own cell')."
+    try:
+        inspect.signature(obj.__init__).bind(None, 1, 1)
+    except TypeError:
+        return (f"its __init__{inspect.signature(obj.__init__)} must take (input_size, hidden_size) positionally, "
+                f"with every other argument optional (a config sets them by name).")
+    return None
+
+
+CELLS: Registry[type[RNNCell]] = Registry("cell", entry_point_group="rnnsearch.cells", check=_check_cell_class)
 
 C = TypeVar("C", bound=type[RNNCell])
 

@@ -21,7 +21,10 @@ from rnnsearch.registry import Registry, check_options
 
 from .base import RNNCell, State
 
-WRAPPERS: Registry[type["CellWrapper"]] = Registry("wrapper", entry_point_group="rnnsearch.wrappers")
+WRAPPERS: Registry[type["CellWrapper"]] = Registry(
+    "wrapper", entry_point_group="rnnsearch.wrappers",
+    check=lambda obj: None if isinstance(obj, type) and issubclass(obj, CellWrapper) else
+    "a wrapper must be a class derived from rnnsearch.cells.wrappers.CellWrapper.")
 
 
 def register_wrapper(name: str, *, replace: bool = False) -> Callable[[Any], Any]:
