@@ -76,3 +76,10 @@ def check_positive_number(what: str, value: object, hint: str = "") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{what} must be a positive number{hint}, got {value!r}.")
     return float(value)
+
+
+def check_number(what: str, value: object) -> float:
+    """Return ``value`` as a float if it is a finite number, else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number, got {value!r}.")
+    return float(value)

@@ -24,6 +24,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from rnnsearch.cells.gru import init_gate_bias_
+from rnnsearch.errors import check_number
+
 
 @dataclass
 class LayerSpec:
@@ -40,7 +43,7 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "gru": {"activation": "tanh", "reset_after": True},
     "rnn": {},
 }
-_ALLOWED_EXTRA = {"lstm": {"forget_bias", "num_proj"}, "gru": set(), "rnn": {"activation"}}
+_ALLOWED_EXTRA = {"lstm": {"forget_bias", "num_proj"}, "gru": {"gate_bias"}, "rnn": {"activation"}}
 
 
 def _output_keep(wrappers: list[dict[str, Any]]) -> Optional[float]:
@@ -110,6 +113,12 @@ class FusedStack(nn.Module):
                     p[rows] += value
         elif self.kind == "gru":
             self.rnn = nn.GRU(**common)
+            gate_bias = spec.options.get("gate_bias")
+            if gate_bias is not None:  # as the cell path: TF's initial GRU biases
+                for name, p in self.rnn.named_parameters():
+                    if name.startswith("bias_ih"):
+                        init_gate_bias_(p, getattr(self.rnn, name.replace("bias_ih", "bias_hh")), spec.hidden_size,
+                                        check_number("gru gate_bias", gate_bias))
         else:
             self.rnn = nn.RNN(nonlinearity=spec.options.get("activation", "tanh"), **common)
         self.out_dropout = nn.Dropout(1.0 - keep) if keep < 1.0 else nn.Identity()

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from conftest import assert_close
 from rnnsearch import ConfigError, create_cell, list_cells
 from rnnsearch.cells import RNNCell
+from rnnsearch.cells.gru import GRUCell
 
 B, T, I, H, P = 3, 6, 4, 5, 3  # batch, steps, input, hidden, projection
 sig = torch.sigmoid
@@ -364,3 +365,24 @@ def test_bad_cell_options_name_value_and_choices(name, i, h, options, words):
     msg = str(err.value)
     for w in words:
         assert w in msg, f"{w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("fused", ["never", "always"])
+def test_gru_gate_bias_starts_the_gates_bias_as_tf_grucell(fused):
+    # TF 1.x GRUCell starts its gate bias at 1.0 and its candidate's at 0 (REFERENCE.md); PyTorch's init is uniform
+    from rnnsearch import build_model
+
+    H = 4
+    model = build_model({"cell": {"name": "gru", "gate_bias": 1.0},
+                         "model": {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": fused}}, 3, 1)
+    pairs = [(m.bias_ih, m.bias_hh) for m in model.modules() if isinstance(m, GRUCell)] if fused == "never" else \
+        [(p, getattr(m, n.replace("bias_ih", "bias_hh"))) for m in model.modules() if isinstance(m, torch.nn.GRU)
+         for n, p in m.named_parameters() if n.startswith("bias_ih")]
+    assert len(pairs) == 4  # 2 layers x 2 directions
+    for b_ih, b_hh in pairs:
+        assert torch.equal(b_ih[: 2 * H], torch.ones(2 * H)) and torch.equal(b_ih[2 * H:], torch.zeros(H))
+        assert torch.equal(b_hh, torch.zeros(3 * H))
+    default = create_cell("gru", 3, H)
+    assert default.bias_ih.abs().max() <= 0.5 and default.bias_ih.std() > 0  # PyTorch's U(-1/2, 1/2) otherwise
+    with pytest.raises(ConfigError, match="gate_bias must be a finite number"):
+        create_cell("gru", 3, H, gate_bias="one")
