@@ -8,6 +8,7 @@ exits with status 2, before any training starts.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 
@@ -39,10 +40,10 @@ def config_composition_message(exc: BaseException) -> str:
 
 
 def check_positive_int(what: str, value: object) -> int:
-    """Return ``value`` as an int if it is a positive integer, else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    """Return ``value`` as an int if it is a positive integer (numpy's too), else raise ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}.")
-    return value
+    return int(value)
 
 
 def check_keep_prob(what: str, value: object) -> float:
@@ -65,21 +66,21 @@ def check_known_keys(what: str, given: Iterable[str], valid: Iterable[str]) -> N
 
 
 def check_bool(what: str, value: object) -> bool:
-    """Return ``value`` if it is a boolean (YAML true/false), else raise ConfigError (no truthy strings)."""
-    if not isinstance(value, bool):
+    """Return ``value`` if it is a boolean (YAML true/false, numpy's too), else raise ConfigError (no truthy strings)."""
+    if not isinstance(value, bool) and str(getattr(value, "dtype", "")) != "bool":
         raise ConfigError(f"{what} must be true or false, got {value!r}.")
-    return value
+    return bool(value)
 
 
 def check_positive_number(what: str, value: object, hint: str = "") -> float:
     """Return ``value`` as a float if it is a finite number > 0, else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
         raise ConfigError(f"{what} must be a positive number{hint}, got {value!r}.")
     return float(value)
 
 
-def check_number(what: str, value: object) -> float:
+def check_number(what: str, value: object, hint: str = "") -> float:
     """Return ``value`` as a float if it is a finite number, else raise ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{what} must be a finite number, got {value!r}.")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ConfigError(f"{what} must be a finite number{hint}, got {value!r}.")
     return float(value)

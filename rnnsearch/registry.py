@@ -76,6 +76,11 @@ class Registry(Generic[T]):
                                   f"{self.kind}; decorate the class or point the entry point at it "
                                   f"('{ep.value}:ClassName').", stacklevel=2)
             elif ep.name not in self._items:
+                problem = self.check(obj) if self.check is not None else None
+                if problem:
+                    warnings.warn(f"The {self.kind} plug-in {ep.name!r} ({ep.value}) is not registered: {problem}",
+                                  stacklevel=2)
+                    continue
                 self._items[ep.name] = obj
                 try:
                     setattr(obj, "registry_name", ep.name)

@@ -15,6 +15,7 @@ autocast; ``model.compile`` is decided here, from the run's budget
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Optional
@@ -61,8 +62,7 @@ def make_optimizer(cfg: Mapping[str, Any], params: Iterable[nn.Parameter]) -> to
     opts = dict(cfg)
     name = opts.pop("name", "adam")
     lr = opts.pop("lr", None)
-    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
-        raise ConfigError(f"optim.lr must be a positive number, got {lr!r}.")
+    lr = check_positive_number("optim.lr", lr)
     classes = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
                "rmsprop": torch.optim.RMSprop}
     if name not in classes:
@@ -266,8 +266,9 @@ def train(cfg: Any, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     if OmegaConf.is_config(cfg):
         cfg = OmegaConf.to_container(cfg, resolve=True)
     seed = cfg.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}.")
+    seed = int(seed)
     device = resolve_device(cfg.get("device", "auto"))
     task = create_task(cfg["task"])
     check_direction(task, cfg.get("model"))

@@ -91,6 +91,9 @@ def test_a_resumed_study_writes_the_best_trial_as_it_trained(tmp_path: Path) -> 
     best = yaml.safe_load((tmp_path / "best_test.yaml").read_text())
     assert best["cell"]["forget_bias"] == pytest.approx(best_fb) and best["train"]["epochs"] == 3
     assert best["train"]["grad_clip"] == 1.0  # the default it trained with, not a value of the new key
+    # where a trial logs or which device it used does not change what it trained: no note for those
+    third, text = sweep(sweep_cfg(tmp_path, "sweep.n_trials=2", *lstm, "device=auto"))  # was cpu
+    assert "ran with other settings" not in text and third["overrides"] is not None
 
 
 def test_pruning_prunes_and_saves_epochs(tmp_path: Path) -> None:
@@ -323,3 +326,16 @@ def test_the_pruner_watches_the_objective_not_the_task_metric(tmp_path: Path) ->
     _, text = sweep(sweep_cfg(tmp_path / "params", *tagging, "sweep.objectives=[params]"))
     assert "pruner none (params has no per-epoch value)" in text
     assert all(not t.intermediate_values for t in load(tmp_path / "params").trials)
+
+
+def test_objectives_are_checked_on_every_task_the_space_can_pick(tmp_path: Path) -> None:
+    from rnnsearch.errors import ConfigError
+
+    tasks = ["~sweep.overrides.task.seq_len", "+sweep.params.task.name=choice(adding,copy)"]
+    with pytest.raises(ConfigError, match=r"\['best/val/mse'\] are not results of a trial on task 'copy'"):
+        sweep(sweep_cfg(tmp_path, *tasks, "sweep.objectives=[best/val/mse]"))
+    # an objective both tasks return passes the check (it refused any objective but the base task's before);
+    # max_params rejects every trial before training, so nothing trains here
+    summary, _ = sweep(sweep_cfg(tmp_path, *tasks, "sweep.objectives=[val/loss]", "sweep.n_trials=2",
+                                 "sweep.max_params=1"))
+    assert summary["pruned"] == 2

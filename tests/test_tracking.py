@@ -7,6 +7,7 @@ module-scoped fixtures and checked through ``MlflowClient`` by the tests.
 from __future__ import annotations
 
 import io
+import time
 
 import sys
 from pathlib import Path
@@ -353,3 +354,29 @@ def test_finishing_a_sweep_ends_the_child_run_of_a_trial_whose_worker_died(store
     assert dead.info.status == "FAILED" and dead.data.tags["trial_state"] == "FAIL"
     assert dead.data.tags["failure_reason"] == "worker process 4242 died"
     assert client.get_run(done.info.run_id).info.status == "FINISHED"
+
+
+def test_a_study_from_before_study_ids_keeps_its_parent_run(store, client):
+    # its parent has no id tag: on the first resume with ids it must be adopted, not replaced by a second parent
+    base = make_cfg(store)
+    old = start_sweep_run(base, "legacy-study")  # as the previous version did: no study id
+    assert start_sweep_run(base, "legacy-study", "id-1", adopt_untagged=True) == old
+    assert client.get_run(old).data.tags["rnnsearch.study_id"] == "id-1"
+    assert start_sweep_run(base, "legacy-study", "id-1") == old  # later resumes find it by its id
+    assert start_sweep_run(base, "legacy-study", "id-2") != old  # a new study under that name does not
+
+
+def test_experiment_results_take_a_study_names_latest_study_only(store, client):
+    # two parents for one study name (the first study's storage deleted): the report mixed both studies' trials
+    from rnnsearch.experiment.results import load
+
+    eid = client.create_experiment("results-latest")
+    children = {}
+    for study_id in ("old", "new"):
+        parent = client.create_run(eid, run_name="arm", tags={"rnnsearch.role": "sweep", "study": "arm",
+                                                              "rnnsearch.study_id": study_id})
+        child = client.create_run(eid, run_name="t000", tags={"mlflow.parentRunId": parent.info.run_id,
+                                                             "study": "arm", "trial": "0", "metric": "val/mse"})
+        children[study_id] = child.info.run_id
+        time.sleep(0.01)  # distinct start times
+    assert [t.run_id for t in load(store, "results-latest", histories=False)] == [children["new"]]

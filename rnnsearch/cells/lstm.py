@@ -17,14 +17,13 @@ BasicLSTMCell). State is ``(h, c)`` in PyTorch's order, ``h`` of width
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn.functional import linear
 
-from rnnsearch.errors import ConfigError, check_bool, check_positive_int
+from rnnsearch.errors import ConfigError, check_bool, check_number, check_positive_int, check_positive_number
 
 from .base import RNNCell, State
 from .functional import activation as get_activation
@@ -35,26 +34,12 @@ from .registry import register_cell
 
 def check_forget_bias(value: object) -> float:
     """forget_bias must be a finite number."""
-    try:
-        fb = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"forget_bias must be a finite number (TF's default is 1.0), got {value!r}.") from None
-    if not math.isfinite(fb):
-        raise ConfigError(f"forget_bias must be a finite number (TF's default is 1.0), got {value!r}.")
-    return fb
+    return check_number("forget_bias", value, " (TF's default is 1.0)")
 
 
 def check_clip(name: str, value: object) -> Optional[float]:
     """A clip value is null (no clipping) or a positive number."""
-    if value is None:
-        return None
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        v = float("nan")
-    if not (v > 0 and math.isfinite(v)):
-        raise ConfigError(f"{name} must be null (no clipping) or a positive number, got {value!r}.")
-    return v
+    return None if value is None else check_positive_number(name, value, " or null (no clipping)")
 
 
 @register_cell("lstm")

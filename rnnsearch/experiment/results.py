@@ -114,13 +114,16 @@ def load(uri: str, experiment: str, histories: bool = True) -> list[Trial]:
         raise ValueError(f"No MLflow experiment {experiment!r} at {uri}; experiments there: "
                          f"{', '.join(names) or '(none)'}. Run the experiment first, or pass --uri.")
     runs = _all_runs(client, exp.experiment_id)
-    parents = {r.data.tags.get("study"): r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"}
+    sweeps = sorted((r for r in runs if r.data.tags.get(ROLE_TAG) == "sweep"), key=lambda r: r.info.start_time)
+    parents = {r.data.tags.get("study"): r for r in sweeps}  # per study name, its latest study's parent run
     trials = []
     for r in runs:
         tags = r.data.tags
         if tags.get(ROLE_TAG) == "sweep" or "study" not in tags:
             continue
         parent = parents.get(tags["study"])
+        if parent is not None and tags.get("mlflow.parentRunId", parent.info.run_id) != parent.info.run_id:
+            continue  # a trial of an earlier study under the same name (its storage deleted since)
         ptags = parent.data.tags if parent is not None else {}
         levels = {k.split(".", 1)[1]: v for k, v in ptags.items() if k.startswith("level.")}
         t = Trial(run_id=r.info.run_id, study=tags["study"], arm=ptags.get("arm", tags["study"]), levels=levels,

@@ -20,6 +20,7 @@ loop itself never imports Optuna.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import socket
@@ -130,7 +131,8 @@ class TrialObjective:
             comp = self.compose(trial)
             cfg = comp.cfg
             trial.set_user_attr("run_name", run_name(trial.number, cfg))
-            trial.set_user_attr(CONFIG_ATTR, cfg)  # what it trains: the best config is written from this record
+            # what it trains, as JSON (numpy numbers from the Python API too): the best config is written from it
+            trial.set_user_attr(CONFIG_ATTR, json.loads(json.dumps(cfg, default=json_default)))
             earlier = same_composition(trial, comp.params) if self.skip_duplicates else None
             if earlier is not None:
                 raise _Rejected(f"duplicate of trial {earlier} (this grid point differs from it only in keys "
@@ -191,6 +193,12 @@ class TrialObjective:
                                        run_name=run_name(trial.number, cfg),
                                        tags={"study": self.study_name, "trial": str(trial.number)},
                                        params=dict(params)))
+
+
+def json_default(obj: Any) -> Any:
+    """JSON for what ``json`` cannot write itself: numpy/torch scalars as numbers, anything else as text."""
+    item = getattr(obj, "item", None)
+    return item() if callable(item) else str(obj)
 
 
 class _Rejected(Exception):

@@ -26,7 +26,7 @@ from rnnsearch.errors import ConfigError, choice_error
 
 from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
 from .errors import SweepFailed
-from .objective import CONFIG_ATTR, TrialObjective, pruning_key
+from .objective import CONFIG_ATTR, TrialObjective, json_default, pruning_key
 from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
@@ -88,15 +88,24 @@ def _check_enqueue(entries: list[Mapping[str, Any]], space: list[Param], max_lay
     return result
 
 
-def _check_objectives(objectives: list[str], cfg: dict[str, Any]) -> None:
-    """Every objective is a number ``train()`` returns (else each trial would train, then fail)."""
+def _check_objectives(objectives: list[str], first: dict[str, Any], params: list[Param], base: Mapping[str, Any],
+                      group_options: Any) -> None:
+    """Every objective is a number ``train()`` returns on every task the sweep may pick (else each trial would
+    train, then fail)."""
     from rnnsearch.train import result_keys
 
-    available = result_keys(cfg)
-    missing = [o for o in objectives if o not in available]
-    if missing:
-        raise ConfigError(f"sweep.objectives {missing} are not results of a trial on task "
-                          f"'{cfg['task']['name']}'; valid objectives: {', '.join(sorted(available))}.")
+    tasks = [first]
+    searched = next((p for p in params if p.key == "task.name" and not p.fixed), None)
+    if searched is not None:  # a space over tasks: each must return the objectives
+        fixed = [p for p in params if p.fixed]
+        tasks = [compose_trial(base, [], replay({}), group_options, [*fixed, Param("task.name", None, name)]).cfg
+                 for name in searched.dist.choices]
+    for cfg in tasks:
+        available = result_keys(cfg)
+        missing = [o for o in objectives if o not in available]
+        if missing:
+            raise ConfigError(f"sweep.objectives {missing} are not results of a trial on task "
+                              f"'{cfg['task']['name']}'; valid objectives there: {', '.join(sorted(available))}.")
 
 
 def _check_names(params: list[Param]) -> None:
@@ -262,7 +271,7 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
     if task_cls.causal:
         space = _forward_only(space, task_cls.registry_name, out)
     objectives, directions = objectives_and_directions(settings, task_cls.metric, task_cls.direction)
-    _check_objectives(objectives, first.cfg)
+    _check_objectives(objectives, first.cfg, [*fixed, *space], base, group_options)
     study_name = settings.study_name or f"{sweep_name or 'sweep'}-{first.cfg['task']['name']}"
     spec = storage_spec(settings.storage, study_name)
     n, devices = resolve_workers(settings.workers)
@@ -311,7 +320,10 @@ def run_sweep(cfg: Any, stream: Optional[TextIO] = None, *, sweep_name: Optional
 
     from rnnsearch.tracking import finish_sweep_run, start_sweep_run
 
-    parent_run_id = start_sweep_run(cfg, study_name, study_identity(study))
+    study_id, created = study_identity(study, spec)
+    # a study from before the ids (it has run trials, and had none): its parent run has no id tag yet
+    legacy = created and any(t.state != optuna.trial.TrialState.WAITING for t in study.get_trials(deepcopy=False))
+    parent_run_id = start_sweep_run(cfg, study_name, study_id, adopt_untagged=legacy)
     ended = False
     try:
         objective = TrialObjective(base=base, space=space, fixed=fixed, groups=group_options, objectives=objectives,
@@ -390,7 +402,7 @@ def _best_composition(best: Any, base: Mapping[str, Any], space: list[Param], fi
         comp: Optional[Composition] = compose_trial(base, space, replay(best.params), group_options, fixed)
     except ConfigError:  # e.g. a key searched now that the trial never sampled
         comp = None
-    if comp is not None and (recorded is None or _as_stored(comp.cfg) == _as_stored(recorded)):
+    if comp is not None and (recorded is None or _as_stored(comp.cfg, NEUTRAL) == _as_stored(recorded, NEUTRAL)):
         overrides = _trial_overrides(comp, base, fixed, group_options, groups)
         return comp.cfg, _user_overrides(cli_overrides, overrides, comp.cfg) + overrides
     if recorded is None:
@@ -402,9 +414,14 @@ def _best_composition(best: Any, base: Mapping[str, Any], space: list[Param], fi
     return dict(recorded), None
 
 
-def _as_stored(cfg: Any) -> Any:
+#: Sections that do not change what a trial trains (where it logs, which device): a resume may change them.
+NEUTRAL = ("tracking", "device", "hydra")
+
+
+def _as_stored(cfg: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> Any:
     """``cfg`` as a JSON storage gives it back (tuples as lists, int keys as strings), to compare records."""
-    return json.loads(json.dumps(cfg, sort_keys=True, default=str))
+    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in leave_out}, sort_keys=True,
+                                 default=json_default))
 
 
 def _trial_overrides(comp: Composition, base: Mapping[str, Any], fixed: list[Param], group_options: Any,

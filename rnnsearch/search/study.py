@@ -218,13 +218,23 @@ def objectives_and_directions(settings: SweepSettings, metric: str, direction: s
     return names, dirs
 
 
-def study_identity(study: optuna.Study) -> str:
-    """A random id stored with the study at its first run: tells it from a later study under the same name."""
-    value = study.user_attrs.get("rnnsearch_id")
-    if value is None:
+def study_identity(study: optuna.Study, spec: str) -> tuple[str, bool]:
+    """A random id stored with the study at its first run (tells it from a later study under the same name).
+
+    Returns ``(id, created)``; ``created`` is True when this call stored it. Workers on several machines
+    starting together take the study's claim lock, so they all read the one id the first of them wrote.
+    """
+    lock = ClaimLock(spec, study.study_name)
+    lock.acquire()
+    try:
+        value = study.user_attrs.get("rnnsearch_id")  # read from the storage, under the lock
+        if value is not None:
+            return str(value), False
         value = uuid.uuid4().hex
         study.set_user_attr("rnnsearch_id", value)
-    return str(value)
+        return value, True
+    finally:
+        lock.release()
 
 
 def open_study(study_name: str, storage: optuna.storages.BaseStorage, directions: list[str],

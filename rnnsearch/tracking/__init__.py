@@ -51,7 +51,8 @@ def tracking_callbacks(cfg: Any, *, parent_run_id: Optional[str] = None, run_nam
     return [MlflowRun(settings, cfg, parent_run_id=parent_run_id, run_name=run_name, tags=tags, params=params)]
 
 
-def start_sweep_run(cfg: Any, study_name: str, study_id: Optional[str] = None) -> Optional[str]:
+def start_sweep_run(cfg: Any, study_name: str, study_id: Optional[str] = None,
+                    adopt_untagged: bool = False) -> Optional[str]:
     """The parent run id of the sweep ``study_name`` (found by its tags when the study resumes); None: tracking off.
 
     The experiment is named after the study. Raises if the tracking store cannot be reached,
@@ -63,7 +64,7 @@ def start_sweep_run(cfg: Any, study_name: str, study_id: Optional[str] = None) -
     from rnnsearch.tracking.sweep import start_parent
 
     try:
-        return start_parent(settings, cfg, study_name, study_id)
+        return start_parent(settings, cfg, study_name, study_id, adopt_untagged)
     except Exception as exc:
         from rnnsearch.errors import ConfigError
 

@@ -32,11 +32,14 @@ def _parents(client: Any, experiment_id: str, study_name: str, study_id: Optiona
     return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
-def start_parent(settings: TrackingSettings, cfg: Any, study_name: str, study_id: Optional[str] = None) -> str:
+def start_parent(settings: TrackingSettings, cfg: Any, study_name: str, study_id: Optional[str] = None,
+                 adopt_untagged: bool = False) -> str:
     """Create or reuse the parent run of ``study_name`` (of the study with ``study_id``); returns its run id.
 
     ``study_id`` tells a resumed study (same id: its parent is reused) from a new study under a name used
     before (its journal deleted, say): that one gets its own parent run, not the old study's summary.
+    ``adopt_untagged``: the study was started by a version without ids; its parent (no id tag) is reused
+    and tagged.
     """
     uri = settings.uri
     client = worker.client(uri)
@@ -48,6 +51,10 @@ def start_parent(settings: TrackingSettings, cfg: Any, study_name: str, study_id
         eid = worker.experiment_id(uri, study_name, tags={"mlflow.note.content": f"Optuna study `{study_name}` "
                                                           "(rnnsearch sweep): one child run per trial."})
     found = _parents(client, eid, study_name, study_id)
+    if not found and adopt_untagged and study_id:
+        found = [r for r in _parents(client, eid, study_name, None) if STUDY_ID_TAG not in r.data.tags]
+        if found:
+            client.set_tag(found[0].info.run_id, STUDY_ID_TAG, study_id)
     full = {k: v for k, v in to_dict(cfg).items() if k != "hydra"}
     if isinstance(full.get("sweep"), dict):  # the saved config resumes this very study
         full["sweep"]["study_name"] = study_name
