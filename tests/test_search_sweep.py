@@ -251,7 +251,7 @@ def test_bad_sweep_settings_fail_before_any_trial(tmp_path: Path) -> None:
         sweep(sweep_cfg(tmp_path, "sweep.pruner=asha"))
     # an objective no trial returns was found only after each trial had trained
     with pytest.raises(ConfigError, match=r"sweep.objectives \['best/val/accuracy'\] are not results .*'adding'; "
-                                          r"valid objectives: .*best/val/mse.*test/mse"):
+                                          r"valid objectives there: .*best/val/mse.*test/mse"):
         sweep(sweep_cfg(tmp_path, "sweep.objectives=[best/val/accuracy]", "sweep.directions=[maximize]"))
     # a name no registry has failed trial after trial instead
     with pytest.raises(ConfigError, match=r"Unknown cell.name in sweep.params 'foo'; valid choices: .*gru.*lstm"):
