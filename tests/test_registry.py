@@ -251,3 +251,21 @@ def test_cli_trains_a_cell_from_an_entry_point_with_its_own_conf(tmp_path: Path,
     assert res.returncode == 0, res.stderr
     assert "cell-by-cell" in res.stdout and "final metrics" in res.stdout
     assert "test/mse" in res.stdout
+
+
+def test_an_entry_point_to_something_that_is_not_a_cell_is_skipped_with_a_warning(tmp_path, monkeypatch,
+                                                                                   isolated_cells):
+    # decorated classes were checked, but an entry point naming an object was registered unchecked
+    (tmp_path / "rnnsearch_badplugin.py").write_text("class NotACell:\n    pass\n")
+    info = tmp_path / "rnnsearch_badplugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: rnnsearch_badplugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[rnnsearch.cells]\nnot_a_cell = rnnsearch_badplugin:NotACell\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(CELLS, "_plugins_loaded", False)
+    try:
+        with pytest.warns(UserWarning, match=r"plug-in 'not_a_cell' .* is not registered: .*derived from rnnsearch.RNNCell"):
+            names = list_cells()
+        assert "not_a_cell" not in names and "lstm" in names
+    finally:
+        sys.modules.pop("rnnsearch_badplugin", None)
