@@ -132,7 +132,7 @@ class TrialObjective:
             cfg = comp.cfg
             trial.set_user_attr("run_name", run_name(trial.number, cfg))
             # what it trains, as JSON (numpy numbers from the Python API too): the best config is written from it
-            trial.set_user_attr(CONFIG_ATTR, json.loads(json.dumps(cfg, default=json_default)))
+            trial.set_user_attr(CONFIG_ATTR, as_json(cfg))
             earlier = same_composition(trial, comp.params) if self.skip_duplicates else None
             if earlier is not None:
                 raise _Rejected(f"duplicate of trial {earlier} (this grid point differs from it only in keys "
@@ -199,6 +199,11 @@ def json_default(obj: Any) -> Any:
     """JSON for what ``json`` cannot write itself: numpy/torch scalars as numbers, anything else as text."""
     item = getattr(obj, "item", None)
     return item() if callable(item) else str(obj)
+
+
+def as_json(value: Any) -> Any:
+    """``value`` as a JSON storage gives it back (tuples as lists, int keys as strings, numpy numbers as numbers)."""
+    return json.loads(json.dumps(value, default=json_default))
 
 
 class _Rejected(Exception):

@@ -10,7 +10,6 @@ raises :class:`~rnnsearch.search.errors.SweepFailed` after the report.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -26,7 +25,7 @@ from rnnsearch.errors import ConfigError, choice_error
 
 from .compose import Composition, compose_trial, config_groups, load_group_options, override_list, replay
 from .errors import SweepFailed
-from .objective import CONFIG_ATTR, TrialObjective, json_default, pruning_key
+from .objective import CONFIG_ATTR, TrialObjective, as_json, pruning_key
 from .progress import SweepProgress
 from .report import report, write_best_config
 from .settings import SweepSettings
@@ -420,8 +419,7 @@ NEUTRAL = ("tracking", "device", "hydra")
 
 def _as_stored(cfg: Mapping[str, Any], leave_out: tuple[str, ...] = ()) -> Any:
     """``cfg`` as a JSON storage gives it back (tuples as lists, int keys as strings), to compare records."""
-    return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in leave_out}, sort_keys=True,
-                                 default=json_default))
+    return as_json({k: v for k, v in cfg.items() if k not in leave_out})
 
 
 def _trial_overrides(comp: Composition, base: Mapping[str, Any], fixed: list[Param], group_options: Any,
