@@ -270,6 +270,7 @@ class ChunkRunner:
         self.failed: Optional[str] = None
         self.signature: Optional[str] = None
         self.compiled_calls = 0  # chunks handed to the compiled function (for tests and logs)
+        self.kernel_calls = 0  # sequences a cell ran through its own fused kernel instead (ln_lstm on the CPU)
         self._sequences = 0
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles start uncompiled

@@ -10,7 +10,8 @@ state once more before the output activation::
 Each gate block is normalised on its own, as in TF contrib's ``LayerNormBasicLSTMCell``
 (whose built-in dropout is left to the ``dropout`` wrapper). A training sequence computes
 ``weight_hh``'s gradient in one GEMM after the loop, through the batched gradient's slot route
-(:mod:`rnnsearch.cells.batched_grad`).
+(:mod:`rnnsearch.cells.batched_grad`). Where the compiled path runs, a float32 CPU training sequence
+runs a hand-written fused kernel instead (:mod:`rnnsearch.cells.ln_lstm_kernel`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.nn.functional import layer_norm, linear
 
 from rnnsearch.errors import check_positive_number
 
+from . import ln_lstm_kernel
 from .base import RNNCell, State
 from .batched_grad import add_slot
 from .functional import init_uniform_
@@ -74,6 +76,17 @@ class LayerNormLSTMCell(RNNCell):
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh, None)
+
+    def forward_sequence(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> tuple[Tensor, State]:
+        runner = self.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
+        if runner is not None and not runner.failed:
+            result = ln_lstm_kernel.forward_sequence(self, x, state, lengths)
+            if result is not None:
+                runner.kernel_calls += 1
+                return result
+        return super().forward_sequence(x, state, lengths)
 
     def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.weight_hh, None

@@ -1,0 +1,231 @@
+"""``ln_lstm``'s fused CPU kernel: build it once per machine, run a training sequence through it.
+
+One job. ``csrc/ln_lstm.cpp`` is a hand-written forward and backward pass of a whole
+:class:`~rnnsearch.cells.ln_lstm.LayerNormLSTMCell` sequence (float32, CPU): the recurrent GEMMs
+stay ATen's (``at::mm``), everything between two GEMMs runs in one pass per batch row,
+vectorised with ATen's ``at::vec``; the gains' and bias' gradients accumulate per thread while each
+row is in cache, and the recurrent weight's gradient is one GEMM after the loop. It replaces the
+inductor-compiled chunks for this cell on the CPU (docs/performance.md: compiled, ``ln_lstm`` reached
+0.64–0.81 of ``torch.nn.LSTM``, its layer norms' reductions and once-per-chunk gradient kernels
+being the gap).
+
+It is used where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
+grad-enabled float32 CPU sequence without autocast of a cell whose arithmetic is the registry's own
+(a subclass that redefines a step method gets the generic path), with ``batched_weight_grad`` on (the
+kernel's gradient is first-order only, like the batched weight gradient's; switching that off gives
+plain autograd). Anything else, or a failed build (with a warning), runs the generic path.
+
+The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
+into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the source's hash, the PyTorch version
+and the CPU's vector capability, so every worker and later run loads it without building again.
+
+Saved activations live in a :class:`Workspace` reused step after step: fresh 10–100 MB buffers every
+step cost more in page faults than the kernel's own arithmetic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+SOURCE = Path(__file__).with_name("csrc") / "ln_lstm.cpp"
+STATS = 13  # per row and step: see csrc/ln_lstm.cpp
+#: What a cold build costs on the project's 2-core CPU (58 s measured; rounded up), for ``model.compile: auto``.
+BUILD_S = 90.0
+#: The step methods the kernel reproduces: a subclass redefining any of them runs the generic path.
+STEP_METHODS = ("project_input", "recur", "recur_deferred", "_step", "_ln4", "forward_sequence", "zero_state",
+                "start_sequence")
+
+#: Off: ``ln_lstm`` runs the generic compiled path (the inductor-compiled chunks), e.g. to compare the two.
+ENABLED = True
+
+_lock = threading.Lock()
+_ext: Any = None
+_failed: Optional[str] = None
+
+
+def capability() -> str:
+    """The CPU's vector capability as ATen sees it (``AVX2``, ``AVX512``, or another name: the generic build)."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except Exception:  # noqa: BLE001 - an unknown CPU builds the portable variant
+        return "DEFAULT"
+
+
+def compile_flags(cap: Optional[str] = None) -> list[str]:
+    """Compiler flags for ``at::vec`` at the CPU's capability (the ones inductor uses)."""
+    cap = capability() if cap is None else cap
+    if cap == "AVX512":
+        arch = ["-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mfma"]
+    elif cap == "AVX2":
+        arch = ["-mavx2", "-mfma"]
+    else:
+        return ["-O3", "-fopenmp", "-DCPU_CAPABILITY=DEFAULT"]
+    return ["-O3", "-fopenmp", *arch, f"-DCPU_CAPABILITY={cap}", f"-DCPU_CAPABILITY_{cap}"]
+
+
+def extension_name() -> str:
+    """``rnnsearch_ln_lstm_<capability>_<hash of source, flags and PyTorch version>``."""
+    text = SOURCE.read_bytes() + repr((torch.__version__, compile_flags())).encode()
+    return f"rnnsearch_ln_lstm_{capability().lower()}_{hashlib.sha256(text).hexdigest()[:12]}"
+
+
+def build_dir() -> Path:
+    """Where the extension is built and cached: ``$RNNSEARCH_CACHE/ext/<name>`` (default ``~/.cache/rnnsearch``)."""
+    from rnnsearch.compile import cache_dir  # (rnnsearch.compile imports the cells)
+
+    return cache_dir().parent / "ext" / extension_name()
+
+
+def is_built() -> bool:
+    """Whether the shared cache holds a built extension for this machine and PyTorch (loading it takes ~1 s)."""
+    return (build_dir() / f"{extension_name()}.so").exists()
+
+
+def load() -> Any:
+    """The built extension (building it on first use, ~1 min), or None when it cannot be built here (warns once)."""
+    global _ext, _failed
+    with _lock:
+        if _ext is not None or _failed is not None:
+            return _ext
+        try:
+            from torch.utils.cpp_extension import load as load_extension
+
+            try:  # the ninja wheel's binary, when ninja is not on PATH (a venv that is not activated)
+                import ninja
+
+                os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+            except ImportError:
+                pass
+            path = build_dir()
+            path.mkdir(parents=True, exist_ok=True)
+            _ext = load_extension(extension_name(), [str(SOURCE)], build_directory=str(path),
+                                  extra_cflags=compile_flags(), verbose=False)
+        except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, a compile error: the generic path runs
+            _failed = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+            warnings.warn(f"ln_lstm's fused CPU kernel could not be built ({_failed}); ln_lstm runs its generic "
+                          f"compiled path instead.", RuntimeWarning, stacklevel=3)
+        return _ext
+
+
+class Workspace:
+    """Buffers for the saved activations, handed back after backward and reused by the next sequence.
+
+    Holds the free buffers of the most recent shapes only (a new shape drops the others), so what it
+    keeps between steps is at most what a step needs anyway. A reused buffer's version is bumped, so a
+    second backward through a graph whose buffers were reused (``retain_graph=True``, then another
+    forward) raises autograd's in-place error instead of reading another sequence's activations.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[Tensor]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shapes: Sequence[tuple[int, ...]], like: Tensor, fresh_drops_others: bool = True) -> list[Tensor]:
+        """Buffers of ``shapes`` (``like``'s dtype and device); a shape the workspace has not seen drops the others."""
+        keys = [(tuple(s), like.dtype, like.device) for s in shapes]
+        with self._lock:
+            if fresh_drops_others and any(k not in self._free for k in keys):
+                self._free = {k: v for k, v in self._free.items() if k in keys}
+            out = []
+            for key in keys:
+                free = self._free.get(key)
+                if free:
+                    t = free.pop()
+                    torch.autograd.graph.increment_version(t)
+                else:
+                    t = torch.empty(key[0], dtype=key[1], device=key[2])
+                out.append(t)
+            return out
+
+    def give(self, tensors: Sequence[Tensor]) -> None:
+        """Hand buffers back after the backward pass that read them."""
+        with self._lock:
+            for t in tensors:
+                self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+WORKSPACE = Workspace()
+
+
+def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
+    T, B, H = steps, batch, hidden
+    return [(T, B, H), (T, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]  # h, c, r̂, gates, ĉ, stats
+
+
+class LNLSTMSequence(torch.autograd.Function):
+    """A whole ``ln_lstm`` sequence: forward and backward in the C++ kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, A: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, g_ih: Tensor, g_hh: Tensor,
+                bias: Tensor, g_c: Tensor, b_c: Tensor, valid: Tensor, forget_bias: float, eps: float
+                ) -> tuple[Tensor, Tensor, Tensor]:
+        ext = load()
+        B, T, G = A.shape
+        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), A)
+        out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh.contiguous(), g_ih, g_hh, bias, g_c,
+                                  b_c, valid, float(forget_bias), float(eps), *bufs)
+        ctx.save_for_backward(A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
+        return out, hT, cT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
+        A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
+        B, T, G = A.shape
+        (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)
+        # A (the input products, private to this sequence) is dead after this: its gradient is written over it
+        torch.autograd.graph.increment_version(A)
+        grads = load().backward(dout, dhT, dcT, W_hh.contiguous(), g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
+        WORKSPACE.give([*bufs, dR])
+        return (*grads, None, None, None)
+
+
+def _unchanged(cell: Any) -> bool:
+    from .ln_lstm import LayerNormLSTMCell
+
+    cls = type(cell)
+    return all(next((k for k in cls.__mro__ if m in vars(k)), None) is next(
+        (k for k in LayerNormLSTMCell.__mro__ if m in vars(k)), None) for m in STEP_METHODS)
+
+
+def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype]) -> bool:
+    """Whether training sequences of ``cell`` would run the kernel (before building it)."""
+    from .ln_lstm import LayerNormLSTMCell
+
+    return (ENABLED and isinstance(cell, LayerNormLSTMCell) and _unchanged(cell) and cell.batched_weight_grad
+            and device_type == "cpu" and dtype == torch.float32 and amp is None and _failed is None)
+
+
+def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
+                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+    batch, steps = x.shape[0], x.shape[1]
+    if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or not applies(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
+            or cell.weight_hh.device.type != "cpu" or load() is None):
+        return None
+    if state is None:
+        state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
+    h0, c0 = (s.expand(batch, cell.hidden_size) for s in state)
+    A = torch.nn.functional.linear(x, cell.weight_ih).contiguous()
+    if lengths is None:
+        valid = torch.empty(0, dtype=torch.bool)
+    else:
+        valid = (torch.arange(steps).unsqueeze(1) < lengths.cpu().unsqueeze(0)).contiguous()  # (t, b)
+    out, hT, cT = LNLSTMSequence.apply(A, h0, c0, cell.weight_hh, cell.ln_ih_weight, cell.ln_hh_weight, cell.bias,
+                                       cell.ln_c_weight, cell.ln_c_bias, valid, cell.forget_bias, cell.eps)
+    return out, (hT, cT)
