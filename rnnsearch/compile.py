@@ -143,7 +143,8 @@ def compiler_available(device_type: str) -> bool:
 
 
 def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_shapes: int,
-           device_type: str, available: bool = True) -> Decision:
+           device_type: str, available: bool = True, kernel_cells: int = 0, kernel_built: bool = False
+           ) -> Decision:
     """Whether a trial compiles its cell-by-cell path: a pure function of the budget and the cache.
 
     Args:
@@ -156,6 +157,11 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
             compiled earlier in the same run (each a warm compile).
         device_type: ``cpu`` or ``cuda`` (others never compile).
         available: whether inductor can compile here (:func:`compiler_available`).
+        kernel_cells: cells that run a hand-written kernel instead of inductor's graphs (``ln_lstm`` on
+            the CPU; not counted in the shapes).
+        kernel_built: whether that kernel is built (:data:`~rnnsearch.cells.ln_lstm_kernel.LOAD_S` to
+            load it) or must be built first, once per machine and PyTorch version
+            (:data:`~rnnsearch.cells.ln_lstm_kernel.BUILD_S`).
     """
     mode = compile_mode(mode)
     if mode == "false":
@@ -168,12 +174,16 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
     if mode == "true":
         return Decision(True, "model.compile=true")
     c = COSTS[device_type]
-    cost = new_shapes * c.cold_s + cached_shapes * c.warm_s
+    from rnnsearch.cells.ln_lstm_kernel import BUILD_S, LOAD_S
+
+    kernel_s = (LOAD_S if kernel_built else BUILD_S) if kernel_cells else 0.0
+    cost = new_shapes * c.cold_s + cached_shapes * c.warm_s + kernel_s
     saving = recur_steps * c.saving_s
     verdict = saving > MARGIN * cost
+    builds = f"; ln_lstm kernel {'built' if kernel_built else 'to build'}" if kernel_cells else ""
     why = (f"budget of {recur_steps:,} recurrent steps saves ~{saving:.0f} s "
            f"{'>' if verdict else '<='} {MARGIN:g} x ~{cost:.0f} s to compile "
-           f"({new_shapes} new, {cached_shapes} cached cell shape(s))")
+           f"({new_shapes} new, {cached_shapes} cached cell shape(s){builds})")
     return Decision(verdict, why)
 
 
@@ -386,11 +396,16 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         device: the training device.
         amp: the autocast dtype, or None.
     """
+    from rnnsearch.cells import ln_lstm_kernel
+
     dev = torch.device(device).type
     cells = step_cells(model)
     seen: set[str] = set()
-    new = cached = 0
+    new = cached = kernels = 0
     for cell in cells:
+        if ln_lstm_kernel.applies(cell, dev, cell_dtype(cell), amp):  # its own kernel: nothing for inductor
+            kernels += 1
+            continue
         deferred = cell.batched_weights(seq_len) is not None
         sig = cell_signature(cell, batch_size, cell_dtype(cell), amp, dev, masked, chunk, deferred)
         if sig in seen or is_cached(sig):
@@ -401,10 +416,13 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
     full_chunks = seq_len // chunk * chunk
     decision = decide(mode, cells=len(cells), recur_steps=optimizer_steps * full_chunks * len(cells),
                       new_shapes=new, cached_shapes=cached, device_type=dev,
-                      available=compile_mode(mode) == "false" or not cells or compiler_available(dev))
+                      available=compile_mode(mode) == "false" or not cells or compiler_available(dev),
+                      kernel_cells=kernels, kernel_built=kernels > 0 and ln_lstm_kernel.is_built())
     if decision.compile:
         setup_cache()
         install(model, chunk)
+        if kernels and ln_lstm_kernel.load() is not None:  # build (or load) it now, not inside the first step
+            decision = Decision(True, f"{decision.reason}; {kernels} ln_lstm cell(s) run the fused CPU kernel")
     else:
         uninstall(model)
     return decision

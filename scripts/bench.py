@@ -20,6 +20,11 @@ and (``--paths adg``) the ablation of the compiled chunks' exp-based tanh (``rnn
 
   (g) path (d) compiled with inductor's SLEEF ``tanh`` (``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH=0`` for its calls),
 
+and (``--cells ln_lstm --paths adh``) what ``ln_lstm``'s hand-written CPU kernel (``rnnsearch.cells.ln_lstm_kernel``,
+which path (d) runs for it on a CPU in float32) gains over inductor's compiled chunks:
+
+  (h) path (d) with the kernel switched off (``ln_lstm_kernel.ENABLED = False`` for its calls; other cells: (d)),
+
 each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
 throughput measured on the same machine in the same run (float32, or bfloat16
 with ``--amp bf16``). Timing alternates the paths in rounds, so background load
@@ -61,10 +66,11 @@ from torch import nn
 
 from rnnsearch import ConfigError, build_model
 from rnnsearch import compile as compiling
+from rnnsearch.cells import ln_lstm_kernel
 from rnnsearch.cells.base import RNNCell
 
 PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled",
-         "e": "eager, step dW", "f": "compiled, step dW", "g": "compiled, SLEEF tanh"}
+         "e": "eager, step dW", "f": "compiled, step dW", "g": "compiled, SLEEF tanh", "h": "compiled, no kernel"}
 
 
 def sync(device: torch.device) -> None:
@@ -166,7 +172,7 @@ def make_models(kind: str, input_size: int, hidden: int, layers: int, bi: bool, 
                 for m in models[p].modules():
                     if isinstance(m, RNNCell):
                         m.batched_weight_grad = False
-            if p in "dfg":
+            if p in "dfgh":
                 compiling.setup_cache()
                 compiling.install(models[p], chunk)
     return models
@@ -185,6 +191,19 @@ def with_exact_tanh(step: Callable[[], None]) -> Callable[[], None]:
                 del os.environ[compiling.DECOMPOSE_TANH_ENV]
             else:
                 os.environ[compiling.DECOMPOSE_TANH_ENV] = old
+
+    return run
+
+
+def without_kernel(step: Callable[[], None]) -> Callable[[], None]:
+    """Path (h): run ``step`` with ``ln_lstm``'s fused CPU kernel off, so its compiled path is inductor's graphs."""
+
+    def run() -> None:
+        ln_lstm_kernel.ENABLED = False
+        try:
+            step()
+        finally:
+            ln_lstm_kernel.ENABLED = True
 
     return run
 
@@ -255,6 +274,8 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
         steps = {k: make_step(m.to(device), x, y, amp) for k, m in models.items()}
         if "g" in steps:
             steps["g"] = with_exact_tanh(steps["g"])
+        if "h" in steps:
+            steps["h"] = without_kernel(steps["h"])
         times, warm = time_paths(steps, args.rounds, args.iters, device)
         t = {k: min(v) for k, v in times.items()}
         tok = {k: args.batch * args.steps / v for k, v in t.items()}
@@ -343,7 +364,7 @@ def main() -> None:
                    help=f"comma-separated, of {', '.join(CELLS)} (default: lstm,gru; lstm with --quick)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--amp", choices=["bf16"], default=None, help="bfloat16 autocast for every path")
-    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdefg in order (a is required)")
+    p.add_argument("--paths", default="abcd", help="columns to run, a subset of abcdefgh in order (a is required)")
     p.add_argument("--chunk", type=int, default=compiling.CHUNK, help="time steps per compiled call, path (d)")
     p.add_argument("--memory", action="store_true", help="peak memory of a training step at T=100 and T=1000")
     p.add_argument("--memory-one", default=None, help=argparse.SUPPRESS)

@@ -21,6 +21,7 @@ import torch
 from conftest import TINY, assert_close, compose_config
 from rnnsearch import ConfigError, build_model, train
 from rnnsearch.callbacks import Callback
+from rnnsearch.cells import ln_lstm_kernel
 from rnnsearch import compile as compiling
 from rnnsearch.compile import COSTS, MARGIN, ChunkRunner, decide
 from rnnsearch.tasks.base import Batch
@@ -208,7 +209,8 @@ def _budget_model(**model: Any):
     return build_model(cfg, 2, 1)
 
 
-def test_prepare_counts_cached_shapes_and_installs_runners(cache, no_compiling):
+def test_prepare_counts_cached_shapes_and_installs_runners(cache, no_compiling, monkeypatch):
+    monkeypatch.setattr(ln_lstm_kernel, "ENABLED", False)  # inductor's shapes (the kernel: test_ln_lstm_kernel.py)
     model = _budget_model(compile="auto")
     cell = compiling.step_cells(model)[0]
     args = dict(seq_len=20, batch_size=16, masked=False, device="cpu")
@@ -479,7 +481,8 @@ def test_compiled_zoneout_in_training_draws_its_masks_before_using_them(cell, dt
 
 
 @pytest.mark.slow
-def test_training_with_compile_true_uses_the_compiled_loop(cache):
+def test_training_with_compile_true_uses_the_compiled_loop(cache, monkeypatch):
+    monkeypatch.setattr(ln_lstm_kernel, "ENABLED", False)  # inductor's graphs, not ln_lstm's own CPU kernel
     class Seen(Callback):
         def on_train_begin(self, info: dict[str, Any]) -> None:
             self.info = info

@@ -180,8 +180,8 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   return {out, hT, cT};
 }
 
-// Gradients of ln_lstm_forward: returns dA, dh0, dc0, dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. dA is written over A
-// (each row is read, then its gradient written, at the same step); dR (T, B, 4H) is a work buffer.
+// Gradients of ln_lstm_forward: returns dA, dh0, dc0, dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. dR (T, B, 4H) is a
+// work buffer; every saved tensor is left as it was (a second backward with retain_graph reads them again).
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                          const at::Tensor& W_hh, const at::Tensor& g_ih, const at::Tensor& g_hh,
                                          const at::Tensor& g_c, const at::Tensor& b_c, const at::Tensor& A,
@@ -193,12 +193,12 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   const bool masked = valid.numel() > 0;
   auto opts = Hprev.options();
   const int nthreads = at::get_num_threads();
-  at::Tensor dA = A;
+  at::Tensor dA = at::empty({B, T, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part4 = at::zeros({nthreads, 3, G}, opts), part1 = at::zeros({nthreads, 2, H}, opts);
   at::Tensor scratch = at::empty({nthreads, 2 * G + H}, opts);
   const float *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(), *gc = g_c.data_ptr<float>(),
-              *bc = b_c.data_ptr<float>(), *do_p = dout.data_ptr<float>();
+              *bc = b_c.data_ptr<float>(), *do_p = dout.data_ptr<float>(), *a_p = A.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   for (int64_t t = T - 1; t >= 0; --t) {
     const float *cp = Cprev[t].data_ptr<float>(), *rh = Rhat[t].data_ptr<float>(),
@@ -246,7 +246,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           st(dcb + k, dct * sf);
         });
         const float* rhb = rh + b * G;
-        const float* a = dab;  // read here, overwritten by its gradient below
+        const float* a = a_p + (b * T + t) * G;
         for (int j = 0; j < 4; ++j) {
           const float mean = s[9 + j], rstd = s[j];
           lanes(H, [&](auto* tag, int64_t k) {

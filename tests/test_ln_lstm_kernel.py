@@ -1,0 +1,235 @@
+"""``ln_lstm``'s fused CPU kernel computes what the cell computes (correctness only, no timing).
+
+Against the generic cell-by-cell path in float64 (exact arithmetic, for the float32 kernel's
+rounding to be measured against): outputs, final states and every gradient, with lengths, both
+directions, a given initial state and options away from their defaults. Where the kernel must not
+run (a subclass changing the step, float64, autocast, no grad, the switch off), it does not; a
+failed build warns and falls back; the workspace never hands a live buffer out twice. The first
+test to load the kernel builds it (about a minute) into the shared cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from conftest import TINY, assert_close, compose_config
+from rnnsearch import build_model, train
+from rnnsearch import compile as compiling
+from rnnsearch.callbacks import Callback
+from rnnsearch.cells import ln_lstm_kernel
+from rnnsearch.cells.ln_lstm import LayerNormLSTMCell
+from rnnsearch.compile import ChunkRunner, decide
+
+B, T, IN, H = 5, 23, 7, 24
+LENGTHS = torch.tensor([23, 4, 17, 1, 22])  # unsorted, one of length 1
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile returns the function itself: the generic 'compiled' path runs eagerly, fast."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
+
+
+def _cell(hidden: int = H, **options: Any) -> LayerNormLSTMCell:
+    torch.manual_seed(0)
+    cell = LayerNormLSTMCell(IN, hidden, **options)
+    with torch.no_grad():  # gains and biases away from their initial ones, so each gradient path is exercised
+        for p in (cell.ln_ih_weight, cell.ln_hh_weight, cell.ln_c_weight):
+            p.uniform_(0.5, 1.5)
+        cell.ln_c_bias.uniform_(-0.3, 0.3)
+    return cell
+
+
+def _run(cell: LayerNormLSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool):
+    """Outputs, final state and the gradients of a loss on all three, w.r.t. input, state and parameters."""
+    x = x.to(cell.weight_hh.dtype).clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    state = None
+    if with_state:
+        g = torch.Generator().manual_seed(1)
+        state = tuple((0.5 * torch.randn(B, cell.hidden_size, generator=g)).to(x.dtype).requires_grad_() for _ in range(2))
+    out, (h, c) = cell.forward_sequence(x, state, lengths)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    if with_state:
+        grads.update(h0=state[0].grad, c0=state[1].grad)
+    return out.detach(), h.detach(), c.detach(), grads
+
+
+def _kernel_calls(cell: LayerNormLSTMCell) -> int:
+    return cell.sequence_runner.kernel_calls
+
+
+@pytest.mark.parametrize("options,lengths,with_state", [
+    ({}, None, False),
+    ({"forget_bias": 0.3, "eps": 1e-3}, LENGTHS, True),
+    ({"forget_bias": 0.0}, LENGTHS, False),
+    ({"hidden": 13}, LENGTHS, True),  # not a multiple of the vector width: the scalar tails
+], ids=["defaults", "options-lengths-state", "lengths", "hidden-13"])
+def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
+    """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
+    x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
+    exact = _run(_cell(**options).double(), x, lengths, with_state)
+    generic = _run(_cell(**options), x, lengths, with_state)
+    cell = _cell(**options)
+    cell.sequence_runner = ChunkRunner(4)
+    kernel = _run(cell, x, lengths, with_state)
+    assert _kernel_calls(cell) == 1 and cell.sequence_runner.compiled_calls == 0, "the kernel ran, not inductor"
+    if lengths is not None:
+        assert (kernel[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros"
+
+    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
+        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
+        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
+    checks += [(3, name, f"grad {name}") for name in exact[3]]
+    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + 1e-6  # float32's own rounding, 3 times
+    assert bound < 1e-3
+    for i, name, what in checks:
+        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
+
+
+def test_a_bidirectional_stack_runs_every_cell_through_the_kernel(eager_compile):
+    torch.manual_seed(0)
+    model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
+    cells = build_model({"cell": {"name": "ln_lstm"}, "model": model}, IN, 3)
+    reference = copy.deepcopy(cells).double()
+    compiling.install(cells, chunk=4)
+    x = torch.randn(B, T, IN)
+    outs, grads = [], []
+    for m, xx in ((reference, x.double()), (cells, x)):
+        m.zero_grad(set_to_none=True)
+        out = m(xx, LENGTHS)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert [c.sequence_runner.kernel_calls for c in compiling.step_cells(cells)] == [1, 1, 1, 1]
+    assert_close(outs[1], outs[0], 2e-6, "outputs")
+    for name, grad in grads[0].items():
+        scale = max(1.0, grad.abs().max().item())
+        assert_close(grads[1][name] / scale, grad / scale, 2e-5, f"grad {name}")
+
+
+class ChangedStep(LayerNormLSTMCell):
+    def _step(self, xp_t, state, weight_hh, slot_t):  # noqa: ANN001 - a user's variant of the step
+        h, c = super()._step(xp_t, state, weight_hh, slot_t)
+        return h * 0.5, (c[0] * 0.5, c[1])
+
+
+@pytest.mark.parametrize("case", ["subclass", "float64", "no-grad", "autocast", "switched-off", "per-step-grad"])
+def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compile, monkeypatch):
+    cell = ChangedStep(IN, H) if case == "subclass" else _cell()
+    if case == "float64":
+        cell = cell.double()
+    if case == "switched-off":
+        monkeypatch.setattr(ln_lstm_kernel, "ENABLED", False)
+    if case == "per-step-grad":
+        cell.batched_weight_grad = False  # needed for double backward: the kernel is first-order only
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN, dtype=cell.weight_hh.dtype)
+    if case == "no-grad":
+        with torch.no_grad():
+            cell.forward_sequence(x)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cell.forward_sequence(x)
+    else:
+        cell.forward_sequence(x)
+    assert _kernel_calls(cell) == 0
+    if case == "subclass":  # and the subclass's own step is what ran
+        base = LayerNormLSTMCell(IN, H)
+        base.load_state_dict(cell.state_dict())
+        out, base_out = cell.forward_sequence(x)[0].detach(), base.forward_sequence(x)[0].detach()
+        assert_close(out[:, :1], 0.5 * base_out[:, :1], 1e-6, "the first step, halved")
+
+
+def test_gradients_are_first_order_and_a_reused_workspace_is_never_read_twice(eager_compile):
+    cell = _cell()
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN, requires_grad=True)
+    out, _ = cell.forward_sequence(x)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        gx.sum().backward()
+
+    out, _ = cell.forward_sequence(x)  # retain_graph: a second backward reads the same, untouched activations
+    loss = out.pow(2).sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert torch.equal(g1, g2)
+    cell.forward_sequence(x)  # takes the buffers the first backward handed back
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
+
+
+def test_the_workspace_reuses_buffers_of_the_latest_shapes_only():
+    ws = ln_lstm_kernel.Workspace()
+    like = torch.empty(0)
+    a, b = ws.take([(2, 3), (2, 3)], like)
+    assert a.data_ptr() != b.data_ptr()
+    ws.give([a, b])
+    version = a._version
+    c, d = ws.take([(2, 3), (2, 3)], like)
+    assert {c.data_ptr(), d.data_ptr()} == {a.data_ptr(), b.data_ptr()}, "reused"
+    assert max(c._version, d._version) > version, "a reused buffer's version is bumped"
+    ws.give([c, d])
+    (e,) = ws.take([(4,)], like)  # a new shape: the others are dropped, not kept forever
+    assert e.shape == (4,) and not any(k[0] == (2, 3) for k in ws._free)
+
+
+def test_a_failed_build_warns_and_runs_the_generic_path(tmp_path, monkeypatch, eager_compile):
+    broken = tmp_path / "ln_lstm.cpp"
+    broken.write_text("#error this kernel does not build\n")
+    monkeypatch.setenv("RNNSEARCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(ln_lstm_kernel, "SOURCE", broken)
+    monkeypatch.setattr(ln_lstm_kernel, "_ext", None)
+    monkeypatch.setattr(ln_lstm_kernel, "_failed", None)
+    cell = _cell()
+    plain = copy.deepcopy(cell)
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out, _ = cell.forward_sequence(x)
+    assert _kernel_calls(cell) == 0 and cell.sequence_runner.compiled_calls > 0
+    assert_close(out.detach(), plain.forward_sequence(x)[0].detach(), 1e-6, "generic path's output")
+    assert not ln_lstm_kernel.applies(cell, "cpu", torch.float32, None), "and it is not tried again"
+
+
+def test_auto_counts_the_kernel_build_once_not_a_compile_per_shape(monkeypatch):
+    cfg = {"cell": {"name": "ln_lstm"}, "model": {"hidden_size": 8, "num_layers": 2, "bidirectional": True}}
+    model = build_model(cfg, 2, 1)
+    args = dict(seq_len=20, batch_size=16, masked=False, device="cpu")
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    monkeypatch.setattr(ln_lstm_kernel, "is_built", lambda: False)
+    cold = compiling.prepare(model, "auto", optimizer_steps=1000, **args)  # 80,000 steps: 16 s < 1.5 x 90 s
+    assert not cold.compile and "(0 new, 0 cached cell shape(s); ln_lstm kernel to build)" in cold.reason
+    monkeypatch.setattr(ln_lstm_kernel, "is_built", lambda: True)
+    warm = compiling.prepare(model, "auto", optimizer_steps=1000, **args)
+    assert warm.compile and "ln_lstm kernel built" in warm.reason and "4 ln_lstm cell(s) run the fused CPU kernel" \
+        in warm.reason
+    assert decide("auto", cells=4, recur_steps=80_000, new_shapes=0, cached_shapes=0, device_type="cpu",
+                  kernel_cells=4, kernel_built=False).compile is False
+    assert decide("auto", cells=4, recur_steps=10**6, new_shapes=0, cached_shapes=0, device_type="cpu",
+                  kernel_cells=4, kernel_built=False).compile is True
+    amp = compiling.prepare(model, "auto", optimizer_steps=1000, amp=torch.bfloat16, **args)  # inductor's graphs
+    assert "(2 new, 2 cached cell shape(s))" in amp.reason
+
+
+def test_training_with_compile_true_runs_ln_lstm_through_the_kernel():
+    class Seen(Callback):
+        def on_train_begin(self, info: dict[str, Any]) -> None:
+            self.info = info
+
+    seen = Seen()
+    result = train(compose_config([*TINY, "cell=ln_lstm", "model.compile=true", "task.train_size=96",
+                                   "train.batch_size=32", "train.epochs=2", "task.seq_len=12"]), callbacks=[seen])
+    runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
+    assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
+    assert "ln_lstm cell(s) run the fused CPU kernel" in seen.info["compile"]
+    assert result["test/mse"] == result["test/mse"]  # finite, not NaN
