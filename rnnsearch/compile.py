@@ -39,10 +39,16 @@ trials and worker processes of a sweep, and later sweeps, reuse each other's
 compiled graphs (inductor's FX-graph and AOTAutograd caches). A marker file
 per compiled cell signature records that a warm compile exists.
 
+*One cell has its own kernel*: where the compiled path runs, a float32 CPU training sequence of
+``ln_lstm`` runs a hand-written fused forward and backward (:mod:`rnnsearch.cells.ln_lstm_kernel`)
+instead of inductor's graphs: 1.3–1.5× faster than them, paired in one process (docs/performance.md).
+It is built once per machine and PyTorch version (about a minute), whatever the cell's shape.
+
 *How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the
 training budget's recurrent steps (optimizer steps × sequence length × cells)
 times the per-step time compiling saves exceeds :data:`MARGIN` × the expected
-compile time (cold per new cell shape, warm for those the cache already holds).
+compile time (cold per new cell shape, warm for those the cache already holds,
+plus building or loading that kernel where cells run it).
 """
 
 from __future__ import annotations
