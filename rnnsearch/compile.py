@@ -41,7 +41,7 @@ per compiled cell signature records that a warm compile exists.
 
 *One cell has its own kernel*: where the compiled path runs, a float32 CPU training sequence of
 ``ln_lstm`` runs a hand-written fused forward and backward (:mod:`rnnsearch.cells.ln_lstm_kernel`)
-instead of inductor's graphs: 1.3–1.5× faster than them, paired in one process (docs/performance.md).
+instead of inductor's graphs: 1.3–1.4× faster than them, paired in one process (docs/performance.md).
 It is built once per machine and PyTorch version (about a minute), whatever the cell's shape.
 
 *How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the

@@ -43,6 +43,7 @@ before the step.
     python scripts/bench.py --quick --cells peephole,proj,ln_lstm   # the other registry LSTMs
     python scripts/bench.py --device cuda --amp bf16 --quick
     python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
+    python scripts/bench.py --memory --quick --cells ln_lstm --paths adh   # the ln_lstm kernel's memory
 """
 
 from __future__ import annotations
@@ -312,14 +313,17 @@ def _release_cpu_memory() -> None:
 
 
 def measure_memory(path: str, steps: int, hidden: int, device: torch.device, chunk: int,
-                   amp: Optional[torch.dtype]) -> float:
+                   amp: Optional[torch.dtype], kind: str = "lstm") -> float:
     """Peak memory (MiB) one training step adds, on the adding task with batch 64 (after one warm-up step)."""
     from rnnsearch.tasks.adding import AddingTask
 
     batch = AddingTask(seq_len=steps).generate(64, torch.Generator().manual_seed(0)).to(device)
-    model = make_models("lstm", 2, hidden, 1, False, path, chunk)[path].to(device)
+    model = make_models(kind, 2, hidden, 1, False, path, chunk)[path].to(device)
     step = make_step(model, batch.x, batch.y, amp)
+    if path == "h":
+        step = without_kernel(step)
     step()  # warm-up: Adam's state, the compile of (d)
+    ln_lstm_kernel.WORKSPACE.clear()  # the measured step allocates the kernel's saved activations, as a first does
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -337,7 +341,8 @@ def measure_memory(path: str, steps: int, hidden: int, device: torch.device, chu
 
 def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
     how = "CUDA max_memory_allocated" if device.type == "cuda" else "growth of peak RSS, fresh process each"
-    print(f"peak memory of one training step (MiB), LSTM, adding task, batch 64, on {device.type}"
+    kind = (args.cells or "lstm").split(",")[0]
+    print(f"peak memory of one training step (MiB), {kind}, adding task, batch 64, on {device.type}"
           f"{' (bf16 autocast)' if amp else ''}; {how}\n")
     sizes = [(h, t) for h in ([128, 256] if not args.quick else [256]) for t in (100, 1000)]
     header = f"{'H':>4} {'T':>5} | " + " | ".join(f"{'(' + p + ') ' + PATHS[p]:>16}" for p in args.paths)
@@ -347,9 +352,10 @@ def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[t
         cells = []
         for p in args.paths:
             if device.type == "cuda":
-                mib = measure_memory(p, steps, hidden, device, args.chunk, amp)
+                mib = measure_memory(p, steps, hidden, device, args.chunk, amp, kind)
             else:  # a fresh process each: the allocator's high-water mark is per process
-                cmd = [sys.executable, __file__, "--memory-one", f"{p},{steps},{hidden}", "--chunk", str(args.chunk),
+                cmd = [sys.executable, __file__, "--memory-one", f"{p},{steps},{hidden},{kind}", "--chunk",
+                       str(args.chunk),
                        "--device", args.device] + (["--amp", args.amp] if args.amp else [])
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 mib = json.loads(out.strip().splitlines()[-1])["mib"]
@@ -381,8 +387,8 @@ def main() -> None:
     amp = torch.bfloat16 if args.amp == "bf16" else None
     torch.manual_seed(0)
     if args.memory_one:
-        path, steps, hidden = args.memory_one.split(",")
-        print(json.dumps({"mib": measure_memory(path, int(steps), int(hidden), device, args.chunk, amp)}))
+        path, steps, hidden, kind = args.memory_one.split(",")
+        print(json.dumps({"mib": measure_memory(path, int(steps), int(hidden), device, args.chunk, amp, kind)}))
     elif args.memory:
         memory_table(args, device, amp)
     else:
