@@ -89,8 +89,8 @@ def build_dir() -> Path:
 
 
 def is_built() -> bool:
-    """Whether the shared cache holds a built extension for this machine and PyTorch (loading it takes ~1 s)."""
-    return (build_dir() / f"{extension_name()}.so").exists()
+    """Whether this process has the extension loaded, or the shared cache holds a build for this machine and PyTorch."""
+    return _ext is not None or (build_dir() / f"{extension_name()}.so").exists()
 
 
 def load() -> Any:
@@ -216,7 +216,9 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     batch, steps = x.shape[0], x.shape[1]
     if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or not applies(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
-            or cell.weight_hh.device.type != "cpu" or load() is None):
+            or cell.weight_hh.device.type != "cpu"
+            or (state is not None and any(s.dtype != torch.float32 or s.device.type != "cpu" for s in state))
+            or load() is None):
         return None
     if state is None:
         state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
