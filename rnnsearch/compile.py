@@ -409,7 +409,7 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
     seen: set[str] = set()
     new = cached = kernels = 0
     for cell in cells:
-        if ln_lstm_kernel.applies(cell, dev, cell_dtype(cell), amp):  # its own kernel: nothing for inductor
+        if ln_lstm_kernel.applies(cell, dev, cell_dtype(cell), amp, seq_len):  # its own kernel, not inductor's
             kernels += 1
             continue
         deferred = cell.batched_weights(seq_len) is not None
@@ -429,6 +429,8 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         install(model, chunk)
         if kernels and ln_lstm_kernel.load() is not None:  # build (or load) it now, not inside the first step
             decision = Decision(True, f"{decision.reason}; {kernels} ln_lstm cell(s) run the fused CPU kernel")
+        elif kernels:  # the build failed (it warned): those cells compile inductor's graphs after all
+            decision = Decision(True, f"{decision.reason}; the ln_lstm kernel did not build: inductor compiles them")
     else:
         uninstall(model)
     return decision

@@ -233,3 +233,75 @@ def test_training_with_compile_true_runs_ln_lstm_through_the_kernel():
     assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
     assert "ln_lstm cell(s) run the fused CPU kernel" in seen.info["compile"]
     assert result["test/mse"] == result["test/mse"]  # finite, not NaN
+
+
+@pytest.mark.parametrize("hidden", [16, 13], ids=["vector-lanes", "with-tails"])
+def test_nan_stays_nan_as_in_the_cell(hidden, eager_compile):
+    """exp_u20 clamps NaN to a finite number: a diverged run must still show NaN (TrainingDiverged prunes on it)."""
+    x = torch.randn(B, T, IN)
+    x[0, 2, 0] = float("nan")
+    cell = _cell(hidden)
+    reference = copy.deepcopy(cell)
+    cell.sequence_runner = ChunkRunner(4)
+    out, (h, c) = cell.forward_sequence(x)
+    expected, _ = reference.forward_sequence(x)
+    assert _kernel_calls(cell) == 1
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.isnan(out[0, 2:]).all()
+    assert torch.isnan(h[0]).all() and torch.isfinite(out[1:]).all()
+
+
+def test_non_contiguous_parameters_run_the_kernel_too(eager_compile):
+    cell = _cell()
+    reference = copy.deepcopy(cell)
+    with torch.no_grad():
+        for name in ("ln_ih_weight", "bias", "ln_c_weight"):  # the same values, stride 2
+            p = getattr(cell, name)
+            wide = torch.zeros(2 * p.numel())
+            wide[::2] = p
+            setattr(cell, name, torch.nn.Parameter(wide[::2]))
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN)
+    out, _ = cell.forward_sequence(x, lengths=LENGTHS)
+    out.sum().backward()
+    expected, _ = reference.forward_sequence(x, lengths=LENGTHS)
+    expected.sum().backward()
+    assert _kernel_calls(cell) == 1
+    assert_close(out.detach(), expected.detach(), 2e-6, "outputs")
+    assert_close(cell.bias.grad, reference.bias.grad, 1e-4, "bias grad")
+
+
+def test_a_second_backward_hands_nothing_back_twice(eager_compile):
+    """retain_graph, two backwards, then two sequences at once: no buffer goes to both of them."""
+    ln_lstm_kernel.WORKSPACE.clear()
+    cell = _cell()
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN)
+    out, _ = cell.forward_sequence(x)
+    loss = out.pow(2).sum()
+    loss.backward(retain_graph=True)
+    first = cell.weight_hh.grad.clone()
+    loss.backward()
+    assert_close(cell.weight_hh.grad / first.abs().max(), 2 * first / first.abs().max(), 1e-6, "second backward")
+    free = [id(t) for ts in ln_lstm_kernel.WORKSPACE._free.values() for t in ts]
+    assert len(free) == len(set(free)), "a buffer is free twice"
+    o1, _ = cell.forward_sequence(x)
+    o2, _ = cell.forward_sequence(x)
+    cell.zero_grad()
+    (o1.sum() + o2.sum()).backward()  # raised autograd's in-place error when a buffer served both
+    single = copy.deepcopy(cell)
+    del single.__dict__["sequence_runner"]
+    single.zero_grad()
+    (2 * single.forward_sequence(x)[0].sum()).backward()
+    scale = single.weight_hh.grad.abs().max()
+    assert_close(cell.weight_hh.grad / scale, single.weight_hh.grad / scale, 2e-5, "two sequences' gradient")
+
+
+def test_a_frozen_recurrent_weight_is_counted_as_inductor_s(monkeypatch):
+    """The kernel needs W_hh's gradient (its batched route); frozen, the cell compiles inductor's graphs."""
+    model = build_model({"cell": {"name": "ln_lstm"}, "model": {"hidden_size": 8, "num_layers": 1}}, 2, 1)
+    cell = compiling.step_cells(model)[0]
+    cell.weight_hh.requires_grad_(False)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    decision = compiling.prepare(model, "auto", optimizer_steps=10, seq_len=20, batch_size=16, masked=False,
+                                 device="cpu")
+    assert "(1 new, 0 cached cell shape(s))" in decision.reason and "kernel" not in decision.reason

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
+import sysconfig
 import threading
 import warnings
 from collections.abc import Sequence
@@ -76,8 +78,9 @@ def compile_flags(cap: Optional[str] = None) -> list[str]:
 
 
 def extension_name() -> str:
-    """``rnnsearch_ln_lstm_<capability>_<hash of source, flags and PyTorch version>``."""
-    text = SOURCE.read_bytes() + repr((torch.__version__, compile_flags())).encode()
+    """``rnnsearch_ln_lstm_<capability>_<hash of source, flags, PyTorch and Python versions>``."""
+    abi = (sys.version_info[:2], sysconfig.get_config_var("SOABI"))
+    text = SOURCE.read_bytes() + repr((torch.__version__, compile_flags(), abi)).encode()
     return f"rnnsearch_ln_lstm_{capability().lower()}_{hashlib.sha256(text).hexdigest()[:12]}"
 
 
@@ -150,10 +153,12 @@ class Workspace:
             return out
 
     def give(self, tensors: Sequence[Tensor]) -> None:
-        """Hand buffers back after the backward pass that read them."""
+        """Hand buffers back after the backward pass that read them (a buffer already free is not added twice)."""
         with self._lock:
             for t in tensors:
-                self._free.setdefault((tuple(t.shape), t.dtype, t.device), []).append(t)
+                free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+                if not any(f is t for f in free):
+                    free.append(t)
 
     def clear(self) -> None:
         with self._lock:
@@ -178,9 +183,11 @@ class LNLSTMSequence(torch.autograd.Function):
         ext = load()
         B, T, G = A.shape
         bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), A)
-        out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh.contiguous(), g_ih, g_hh, bias, g_c,
-                                  b_c, valid, float(forget_bias), float(eps), *bufs)
+        W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_hh, g_ih, g_hh, bias, g_c, b_c))
+        out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
+                                  float(forget_bias), float(eps), *bufs)
         ctx.save_for_backward(A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
+        ctx.handed_back = False
         return out, hT, cT
 
     @staticmethod
@@ -188,9 +195,13 @@ class LNLSTMSequence(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
         A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
         B, T, G = A.shape
-        (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)
-        grads = load().backward(dout, dhT, dcT, W_hh.contiguous(), g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
-        WORKSPACE.give([*bufs, dR])
+        if ctx.handed_back:  # a second backward (retain_graph): its own buffers are free, and must stay unwritten
+            dR = A.new_empty((T, B, G))
+        else:
+            (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)
+        grads = load().backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
+        WORKSPACE.give([dR] if ctx.handed_back else [*bufs, dR])
+        ctx.handed_back = True
         return (*grads, None, None, None)
 
 
@@ -202,12 +213,13 @@ def _unchanged(cell: Any) -> bool:
         (k for k in LayerNormLSTMCell.__mro__ if m in vars(k)), None) for m in STEP_METHODS)
 
 
-def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype]) -> bool:
-    """Whether training sequences of ``cell`` would run the kernel (before building it)."""
+def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+    """Whether training sequences of ``steps`` steps of ``cell`` would run the kernel (before building it)."""
     from .ln_lstm import LayerNormLSTMCell
 
     return (ENABLED and isinstance(cell, LayerNormLSTMCell) and _unchanged(cell) and cell.batched_weight_grad
-            and device_type == "cpu" and dtype == torch.float32 and amp is None and _failed is None)
+            and cell.weight_hh.requires_grad and steps >= 2 and device_type == "cpu" and dtype == torch.float32
+            and amp is None and _failed is None)
 
 
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],

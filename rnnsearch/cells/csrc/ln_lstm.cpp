@@ -21,7 +21,8 @@ constexpr int64_t V = Vec::size();
 // Per row and step: rstd of the 4 input blocks, of the 4 recurrent ones, of the cell; the 4 input blocks' means.
 constexpr int64_t STATS = 13;
 
-inline Vec vexp(const Vec& x) { return x.exp_u20(); }
+// exp_u20 clamps its input, which turns NaN into a finite number: keep NaN, so a diverged run shows as one.
+inline Vec vexp(const Vec& x) { return Vec::blendv(x.exp_u20(), x, x.isnan()); }
 inline float vexp(float x) { return std::exp(x); }
 inline Vec ld(const float* p, Vec*) { return Vec::loadu(p); }
 inline float ld(const float* p, float*) { return *p; }
@@ -281,6 +282,9 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &ln_lstm_forward, "ln_lstm sequence forward (float32, CPU)");
-  m.def("backward", &ln_lstm_backward, "ln_lstm sequence backward (float32, CPU)");
+  // ATen's own calls need no GIL: other Python threads (a tracker's, say) run meanwhile
+  m.def("forward", &ln_lstm_forward, "ln_lstm sequence forward (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &ln_lstm_backward, "ln_lstm sequence backward (float32, CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }
