@@ -16,8 +16,8 @@ kernel's gradient is first-order only, like the batched weight gradient's; switc
 plain autograd). Anything else, or a failed build (with a warning), runs the generic path.
 
 The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
-into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the source's hash, the PyTorch version
-and the CPU's vector capability, so every worker and later run loads it without building again.
+into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the source's hash, the PyTorch and Python
+versions and the CPU's vector capability, so every worker and later run loads it without building again.
 
 Saved activations live in a :class:`Workspace` reused step after step: fresh 10–100 MB buffers every
 step cost more in page faults than the kernel's own arithmetic.
@@ -38,6 +38,8 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .base import _owner, step_masks
 
 SOURCE = Path(__file__).with_name("csrc") / "ln_lstm.cpp"
 STATS = 13  # per row and step: see csrc/ln_lstm.cpp
@@ -208,9 +210,7 @@ class LNLSTMSequence(torch.autograd.Function):
 def _unchanged(cell: Any) -> bool:
     from .ln_lstm import LayerNormLSTMCell
 
-    cls = type(cell)
-    return all(next((k for k in cls.__mro__ if m in vars(k)), None) is next(
-        (k for k in LayerNormLSTMCell.__mro__ if m in vars(k)), None) for m in STEP_METHODS)
+    return all(_owner(type(cell), m) is _owner(LayerNormLSTMCell, m) for m in STEP_METHODS)
 
 
 def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
@@ -239,7 +239,7 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     if lengths is None:
         valid = torch.empty(0, dtype=torch.bool)
     else:
-        valid = (torch.arange(steps).unsqueeze(1) < lengths.cpu().unsqueeze(0)).contiguous()  # (t, b)
+        valid = step_masks(lengths, steps, torch.device("cpu")).squeeze(2).contiguous()  # (t, b)
     out, hT, cT = LNLSTMSequence.apply(A, h0, c0, cell.weight_hh, cell.ln_ih_weight, cell.ln_hh_weight, cell.bias,
                                        cell.ln_c_weight, cell.ln_c_bias, valid, cell.forget_bias, cell.eps)
     return out, (hT, cT)
