@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from rnnsearch.callbacks import EpochPrinter, TrainingDiverged
 from rnnsearch.errors import ConfigError, config_composition_message
+from rnnsearch.heap import keep_freed_memory
 from rnnsearch.search.errors import SweepFailed
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -92,6 +93,7 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """Entry point of ``python -m rnnsearch`` and the ``rnnsearch`` script."""
+    keep_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back in (rnnsearch.heap)
     args = rewrite_argv(list(sys.argv[1:] if argv is None else argv))
     sys.argv = [sys.argv[0], *args]
     # Hydra reports composition errors (e.g. cell=foo) itself, with exit status 1; let them reach

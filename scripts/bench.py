@@ -69,6 +69,7 @@ from rnnsearch import ConfigError, build_model
 from rnnsearch import compile as compiling
 from rnnsearch.cells import ln_lstm_kernel
 from rnnsearch.cells.base import RNNCell
+from rnnsearch.heap import keep_freed_memory
 
 PATHS = {"a": "torch.nn", "b": "fused", "c": "cell eager", "d": "cell compiled",
          "e": "eager, step dW", "f": "compiled, step dW", "g": "compiled, SLEEF tanh", "h": "compiled, no kernel"}
@@ -254,8 +255,9 @@ def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[to
     peak = gemm_gflops(device, amp or torch.float32)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     load = f"; load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    heap = "freed memory kept (rnnsearch.heap)" if args.heap_kept else "glibc's default heap"
     print(f"torch {torch.__version__} on {device.type} ({where}); {'bf16' if amp else 'float32'} GEMM peak "
-          f"{peak:.1f} GFLOP/s{load}")
+          f"{peak:.1f} GFLOP/s{load}; {heap}")
     print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam"
           f"{'; bf16 autocast' if amp else ''}; compiled chunk {args.chunk} steps\n")
     grid = (itertools.product(args.cells.split(","), [128, 256], [1], [False]) if args.quick
@@ -380,6 +382,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--default-heap", action="store_true",
+                   help="leave glibc's allocator as it is (by default every path reuses freed memory, as "
+                        "python -m rnnsearch does: rnnsearch.heap)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -400,6 +405,9 @@ def main() -> None:
             p.error(f"--cells: unknown {', '.join(map(repr, unknown))}; valid: {', '.join(CELLS)}")
         if args.rounds < 1 or args.iters < 1:
             p.error(f"--rounds and --iters must be at least 1, got {args.rounds} and {args.iters}")
+        # The same allocator for every path: otherwise a path pays page faults or not depending on which
+        # path ran before it (a torch.nn.LSTM step at H=256: 16,400 faults alone, none after the eager path).
+        args.heap_kept = not args.default_heap and keep_freed_memory()
         speed_table(args, device, amp)
 
 

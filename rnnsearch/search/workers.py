@@ -38,6 +38,8 @@ from typing import Any, Optional
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from rnnsearch.heap import keep_freed_memory
+
 from .objective import TrialObjective  # noqa: F401  (WorkerJob field type)
 from .settings import SweepSettings
 from .study import ClaimLock, counted_states, make_pruner, make_sampler, make_storage
@@ -152,6 +154,7 @@ def work(job: WorkerJob, index: int) -> Optional[str]:
 
 def _worker_main(job: WorkerJob, index: int) -> None:
     """Entry point of a spawned worker process."""
+    keep_freed_memory()  # as the parent did (rnnsearch.heap); a spawned process starts with glibc's defaults
     if job.threads:
         import torch
 
