@@ -42,7 +42,7 @@ from torch.autograd.function import once_differentiable
 from .base import _owner, step_masks
 
 SOURCE = Path(__file__).with_name("csrc") / "ln_lstm.cpp"
-STATS = 13  # per row and step: see csrc/ln_lstm.cpp
+STATS = 14  # per row and step: see csrc/ln_lstm.cpp
 #: What a cold build costs on the project's 2-core CPU (58 s measured; rounded up), for ``model.compile: auto``.
 BUILD_S = 90.0
 #: Loading the built extension (torch's up-to-date check runs ninja once), rounded up.
@@ -172,7 +172,8 @@ WORKSPACE = Workspace()
 
 def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    return [(T, B, H), (T, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]  # h, c, r̂, gates, ĉ, stats
+    # h_{t-1}; c_{t-1} and c_T; r̂; the gates; tanh of the normalised cell; stats
+    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]
 
 
 class LNLSTMSequence(torch.autograd.Function):

@@ -18,8 +18,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t V = Vec::size();
-// Per row and step: rstd of the 4 input blocks, of the 4 recurrent ones, of the cell; the 4 input blocks' means.
-constexpr int64_t STATS = 13;
+// Per row and step: rstd of the 4 input blocks, of the 4 recurrent ones, of the cell; the 4 input blocks' means,
+// the cell's mean.
+constexpr int64_t STATS = 14;
 
 // exp_u20 clamps its input, which turns NaN into a finite number: keep NaN, so a diverged run shows as one.
 inline Vec vexp(const Vec& x) { return Vec::blendv(x.exp_u20(), x, x.isnan()); }
@@ -47,53 +48,41 @@ template <typename F> inline void lanes(int64_t n, F&& body) {
   for (; k < n; ++k) body(static_cast<float*>(nullptr), k);
 }
 
-// y = (x - mean) * rstd over n values; returns rstd (and the mean in *mean_out, if given).
-inline float layer_norm_row(const float* x, float* y, int64_t n, float eps, float* mean_out = nullptr) {
-  Vec vs(0.f);
+// Sums of vector lanes and a scalar tail, one accumulator each; add() picks by the lane type.
+struct Acc {
+  Vec v{0.f};
   float s = 0.f;
+  void add(const Vec& x) { v = v + x; }
+  void add(float x) { s += x; }
+  float total() const { return s + hsum(v); }
+};
+
+// Σ f(x[k]) over n values, with four vector accumulators (one would make every add wait for the last).
+template <typename F> inline float row_sum(const float* x, int64_t n, F&& f) {
+  Vec s0(0.f), s1(0.f), s2(0.f), s3(0.f);
   int64_t k = 0;
-  for (; k + V <= n; k += V) vs = vs + Vec::loadu(x + k);
-  for (; k < n; ++k) s += x[k];
-  const float mean = (s + hsum(vs)) / n;
-  Vec vq(0.f);
-  float q = 0.f;
-  const Vec vm(mean);
-  for (k = 0; k + V <= n; k += V) {
-    Vec d = Vec::loadu(x + k) - vm;
-    vq = vq + d * d;
+  for (; k + 4 * V <= n; k += 4 * V) {
+    s0 = s0 + f(Vec::loadu(x + k));
+    s1 = s1 + f(Vec::loadu(x + k + V));
+    s2 = s2 + f(Vec::loadu(x + k + 2 * V));
+    s3 = s3 + f(Vec::loadu(x + k + 3 * V));
   }
-  for (; k < n; ++k) q += (x[k] - mean) * (x[k] - mean);
-  const float rstd = 1.f / std::sqrt((q + hsum(vq)) / n + eps);
-  if (mean_out) *mean_out = mean;
-  lanes(n, [&](auto* tag, int64_t j) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    st(y + j, (ld(x + j, tag) - T(mean)) * T(rstd));
-  });
-  return rstd;
+  for (; k + V <= n; k += V) s0 = s0 + f(Vec::loadu(x + k));
+  float s = 0.f;
+  for (; k < n; ++k) s += f(x[k]);
+  return s + hsum((s0 + s1) + (s2 + s3));
 }
 
-// Layer-norm backward over n values: out = rstd * (dy - mean(dy) - yhat * mean(dy * yhat)), dy = g * gain.
-inline void layer_norm_row_bwd(const float* g, const float* gain, const float* yhat, float rstd, float* out,
-                               int64_t n) {
-  Vec v1(0.f), v2(0.f);
-  float s1 = 0.f, s2 = 0.f;
-  int64_t k = 0;
-  for (; k + V <= n; k += V) {
-    Vec dy = Vec::loadu(g + k) * Vec::loadu(gain + k);
-    v1 = v1 + dy;
-    v2 = v2 + dy * Vec::loadu(yhat + k);
-  }
-  for (; k < n; ++k) {
-    float dy = g[k] * gain[k];
-    s1 += dy;
-    s2 += dy * yhat[k];
-  }
-  const float m1 = (s1 + hsum(v1)) / n, m2 = (s2 + hsum(v2)) / n;
-  lanes(n, [&](auto* tag, int64_t j) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    T dy = ld(g + j, tag) * ld(gain + j, tag);
-    st(out + j, T(rstd) * (dy - T(m1) - ld(yhat + j, tag) * T(m2)));
+// The mean and 1 / std of n values (two passes: the mean, then the squared deviations); returns rstd.
+inline float row_stats(const float* x, int64_t n, float eps, float* mean_out) {
+  const float mean = row_sum(x, n, [](const auto& v) { return v; }) / n;
+  const float sq = row_sum(x, n, [mean](const auto& v) {
+    using T = std::decay_t<decltype(v)>;
+    T d = v - T(mean);
+    return d * d;
   });
+  *mean_out = mean;
+  return 1.f / std::sqrt(sq / n + eps);
 }
 
 void check(const at::Tensor& t, const char* name) {
@@ -103,23 +92,23 @@ void check(const at::Tensor& t, const char* name) {
 
 }  // namespace
 
-// A (B, T, 4H) raw input products; h0, c0 (B, H); valid (T, B) bool or empty. Returns
-// out (B, T, H), hT, cT and the saved tensors for backward.
+// A (B, T, 4H) raw input products; h0, c0 (B, H); valid (T, B) bool or empty. Fills the saved tensors
+// (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Rhat, Acts (T, B, 4H); Tc (T, B, H):
+// tanh of the normalised cell; Stats (T, B, STATS)) and returns out (B, T, H), hT, cT.
 std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h0, const at::Tensor& c0,
                                         const at::Tensor& W_hh, const at::Tensor& g_ih, const at::Tensor& g_hh,
                                         const at::Tensor& bias, const at::Tensor& g_c, const at::Tensor& b_c,
                                         const at::Tensor& valid, double forget_bias, double eps_d,
                                         const at::Tensor& Hprev, const at::Tensor& Cprev, const at::Tensor& Rhat,
-                                        const at::Tensor& Acts, const at::Tensor& Chat, const at::Tensor& Stats) {
-  for (auto* p : {&A, &h0, &c0, &W_hh, &g_ih, &g_hh, &bias, &g_c, &b_c, &Hprev, &Cprev, &Rhat, &Acts, &Chat, &Stats})
+                                        const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& Stats) {
+  for (auto* p : {&A, &h0, &c0, &W_hh, &g_ih, &g_hh, &bias, &g_c, &b_c, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats})
     check(*p, "every tensor");
   const int64_t B = A.size(0), T = A.size(1), G = A.size(2), H = G / 4;
   const bool masked = valid.numel() > 0;
   const float fb = static_cast<float>(forget_bias), eps = static_cast<float>(eps_d);
   auto opts = A.options();
-  at::Tensor scratch = at::empty({at::get_num_threads(), G}, opts);  // each thread's normalised input row
   at::Tensor out = at::empty({B, T, H}, opts);
-  at::Tensor hT = at::empty({B, H}, opts), cT = at::empty({B, H}, opts);
+  at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
   at::Tensor W_t = W_hh.t().contiguous();  // (H, 4H)
   Hprev[0].copy_(h0);
@@ -127,15 +116,17 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   const float *a_p = A.data_ptr<float>(), *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(),
               *bs = bias.data_ptr<float>(), *gc = g_c.data_ptr<float>(), *bc = b_c.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
+  // step t's slices by pointer arithmetic: a tensor per slice would cost microseconds a step
+  float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(),
+        *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>(),
+        *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
     at::mm_out(R, Hprev[t], W_t);
-    float* hn = t + 1 < T ? Hprev[t + 1].data_ptr<float>() : hT.data_ptr<float>();
-    float* cn = t + 1 < T ? Cprev[t + 1].data_ptr<float>() : cT.data_ptr<float>();
-    const float *hp = Hprev[t].data_ptr<float>(), *cp = Cprev[t].data_ptr<float>(), *r_p = R.data_ptr<float>();
-    float *rh = Rhat[t].data_ptr<float>(), *ac = Acts[t].data_ptr<float>(),
-          *ch = Chat[t].data_ptr<float>(), *sp = Stats[t].data_ptr<float>(), *op = out.data_ptr<float>();
+    float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
+    float* cn = c_all + (t + 1) * B * H;
+    const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
+    float *rh = rh_all + t * B * G, *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H, *sp = s_all + t * B * STATS;
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      float* ahb = scratch[at::get_thread_num()].data_ptr<float>();
       for (int64_t b = b0; b < b1; ++b) {
         float* o = op + (b * T + t) * H;
         if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
@@ -144,50 +135,71 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
           std::fill(o, o + H, 0.f);
           continue;
         }
-        const float* a = a_p + (b * T + t) * G;
+        const float *a = a_p + (b * T + t) * G, *r = r_p + b * G;
         float *rhb = rh + b * G, *acb = ac + b * G, *s = sp + b * STATS;
+        float ma[4], mr[4];
         for (int j = 0; j < 4; ++j) {
-          s[j] = layer_norm_row(a + j * H, ahb + j * H, H, eps, s + 9 + j);
-          s[4 + j] = layer_norm_row(r_p + b * G + j * H, rhb + j * H, H, eps);
+          s[j] = row_stats(a + j * H, H, eps, ma + j);
+          s[4 + j] = row_stats(r + j * H, H, eps, mr + j);
+          s[9 + j] = ma[j];
         }
         const float* c = cp + b * H;
         float* cnb = cn + b * H;
+        Acc csum;
+        // the gates: both products normalised on the fly (r̂ saved for backward), then the new cell
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
           Tp pre[4];
           for (int j = 0; j < 4; ++j) {
             const int64_t i = j * H + k;
-            pre[j] = ld(ahb + i, tag) * ld(gih + i, tag) + ld(bs + i, tag) + ld(rhb + i, tag) * ld(ghh + i, tag);
+            Tp rhat = (ld(r + i, tag) - Tp(mr[j])) * Tp(s[4 + j]);
+            st(rhb + i, rhat);
+            pre[j] = (ld(a + i, tag) - Tp(ma[j])) * Tp(s[j]) * ld(gih + i, tag) + ld(bs + i, tag) +
+                     rhat * ld(ghh + i, tag);
           }
           Tp si = sigm(pre[0]), sf = sigm(pre[1] + Tp(fb)), tg = tanh_e(pre[2]), so = sigm(pre[3]);
           st(acb + k, si);
           st(acb + H + k, sf);
           st(acb + 2 * H + k, tg);
           st(acb + 3 * H + k, so);
-          st(cnb + k, sf * ld(c + k, tag) + si * tg);
+          Tp cnew = sf * ld(c + k, tag) + si * tg;
+          st(cnb + k, cnew);
+          csum.add(cnew);
         });
-        float* chb = ch + b * H;
-        s[8] = layer_norm_row(cnb, chb, H, eps);
-        float* hnb = hn + b * H;
+        const float mc = csum.total() / H;
+        const float rc = 1.f / std::sqrt(row_sum(cnb, H, [mc](const auto& v) {
+                                            using Tp = std::decay_t<decltype(v)>;
+                                            Tp d = v - Tp(mc);
+                                            return d * d;
+                                          }) / H + eps);
+        s[8] = rc;
+        s[13] = mc;
+        float *hnb = hn + b * H, *tcb = tcp + b * H;
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp h = ld(acb + 3 * H + k, tag) * tanh_e(ld(chb + k, tag) * ld(gc + k, tag) + ld(bc + k, tag));
+          Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
+          Tp tc = tanh_e(chat * ld(gc + k, tag) + ld(bc + k, tag));
+          st(tcb + k, tc);
+          Tp h = ld(acb + 3 * H + k, tag) * tc;
           st(hnb + k, h);
           st(o + k, h);
         });
       }
     });
   }
-  return {out, hT, cT};
+  return {out, hT, Cprev[T].clone()};
 }
 
 // Gradients of ln_lstm_forward: returns dA, dh0, dc0, dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. dR (T, B, 4H) is a
 // work buffer; every saved tensor is left as it was (a second backward with retain_graph reads them again).
+// Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
+// passes: the sums ride along with the pass that makes dy, the result with the pass that uses it; the
+// normalised values (ŷ of the input products and of the cell) are recomputed from the stats, not saved.
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                          const at::Tensor& W_hh, const at::Tensor& g_ih, const at::Tensor& g_hh,
                                          const at::Tensor& g_c, const at::Tensor& b_c, const at::Tensor& A,
                                          const at::Tensor& Hprev, const at::Tensor& Cprev, const at::Tensor& Rhat,
-                                         const at::Tensor& Acts, const at::Tensor& Chat, const at::Tensor& Stats,
+                                         const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& Stats,
                                          const at::Tensor& valid, const at::Tensor& dR) {
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = 4 * H;
@@ -197,22 +209,24 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   at::Tensor dA = at::empty({B, T, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part4 = at::zeros({nthreads, 3, G}, opts), part1 = at::zeros({nthreads, 2, H}, opts);
-  at::Tensor scratch = at::empty({nthreads, 2 * G + H}, opts);
+  at::Tensor scratch = at::empty({nthreads, G + H}, opts);
   const float *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(), *gc = g_c.data_ptr<float>(),
-              *bc = b_c.data_ptr<float>(), *do_p = dout.data_ptr<float>(), *a_p = A.data_ptr<float>();
+              *do_p = dout.data_ptr<float>(), *a_p = A.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
+  const float *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(),
+              *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>();
+  float *dr_all = dR.data_ptr<float>(), *da = dA.data_ptr<float>(), *p4_all = part4.data_ptr<float>(),
+        *p1_all = part1.data_ptr<float>(), *scr_all = scratch.data_ptr<float>();
   for (int64_t t = T - 1; t >= 0; --t) {
-    const float *cp = Cprev[t].data_ptr<float>(), *rh = Rhat[t].data_ptr<float>(),
-                *ac = Acts[t].data_ptr<float>(), *ch = Chat[t].data_ptr<float>(), *sp = Stats[t].data_ptr<float>();
-    float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dR[t].data_ptr<float>(),
-          *da = dA.data_ptr<float>();
+    const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *rh = rh_all + t * B * G,
+                *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H, *sp = s_all + t * B * STATS;
+    float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       const int tid = at::get_thread_num();
-      float* p4 = part4[tid].data_ptr<float>();  // dbias, dg_hh, dg_ih partial sums
-      float* p1 = part1[tid].data_ptr<float>();  // dg_c, db_c
-      float* dg = scratch[tid].data_ptr<float>();  // the gates' gradient (4H), then dĉ (H)
-      float* dchat = dg + G;
-      float* ahb = dchat + H;  // the normalised input row, recomputed
+      float* p4 = p4_all + tid * 3 * G;  // dbias, dg_hh, dg_ih partial sums
+      float* p1 = p1_all + tid * 2 * H;  // dg_c, db_c
+      float* dg = scr_all + tid * (G + H);  // the gates' gradient (4H)
+      float* dcn = dg + G;                         // the gradient at the cell norm's output (H)
       for (int64_t b = b0; b < b1; ++b) {
         float* dab = da + (b * T + t) * G;
         float* drb = dr + b * G;
@@ -221,26 +235,33 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           std::fill(drb, drb + G, 0.f);
           continue;
         }
-        const float *acb = ac + b * G, *chb = ch + b * H, *s = sp + b * STATS, *dob = do_p + (b * T + t) * H;
+        const float *acb = ac + b * G, *cnb = cn + b * H, *tcb = tcp + b * H, *s = sp + b * STATS,
+                    *dob = do_p + (b * T + t) * H;
         float *dhb = dh + b * H, *dcb = dc + b * H;
+        const float mc = s[13], rc = s[8];
+        Acc c1, c2;
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp chat = ld(chb + k, tag);
-          Tp tc = tanh_e(chat * ld(gc + k, tag) + ld(bc + k, tag));
+          Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
+          Tp tc = ld(tcb + k, tag);
           Tp d = ld(dhb + k, tag) + ld(dob + k, tag);
           Tp so = ld(acb + 3 * H + k, tag);
-          Tp dcn = d * so * (Tp(1.f) - tc * tc);
-          st(p1 + k, ld(p1 + k, tag) + dcn * chat);
-          st(p1 + H + k, ld(p1 + H + k, tag) + dcn);
-          st(dchat + k, dcn);
+          Tp g = d * so * (Tp(1.f) - tc * tc);
+          st(p1 + k, ld(p1 + k, tag) + g * chat);
+          st(p1 + H + k, ld(p1 + H + k, tag) + g);
+          st(dcn + k, g);
           st(dg + 3 * H + k, d * tc * so * (Tp(1.f) - so));  // do
+          Tp dy = g * ld(gc + k, tag);
+          c1.add(dy);
+          c2.add(dy * chat);
         });
-        layer_norm_row_bwd(dchat, gc, chb, s[8], dchat, H);  // in place: dĉ → the normalised cell's input grad
+        const float cm1 = c1.total() / H, cm2 = c2.total() / H;
         const float* cpb = cp + b * H;
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
+          Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
+          Tp dct = ld(dcb + k, tag) + Tp(rc) * (ld(dcn + k, tag) * ld(gc + k, tag) - Tp(cm1) - chat * Tp(cm2));
           Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag);
-          Tp dct = ld(dcb + k, tag) + ld(dchat + k, tag);
           st(dg + k, dct * tg * si * (Tp(1.f) - si));
           st(dg + H + k, dct * ld(cpb + k, tag) * sf * (Tp(1.f) - sf));
           st(dg + 2 * H + k, dct * si * (Tp(1.f) - tg * tg));
@@ -248,23 +269,30 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         });
         const float* rhb = rh + b * G;
         const float* a = a_p + (b * T + t) * G;
-        for (int j = 0; j < 4; ++j) {
-          const float mean = s[9 + j], rstd = s[j];
+        for (int j = 0; j < 4; ++j) {  // each gate block: its gains' and bias' sums, then both layer norms
+          const float ma = s[9 + j], ra = s[j], rr = s[4 + j];
+          Acc r1, r2, a1, a2;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
-            st(ahb + j * H + k, (ld(a + j * H + k, tag) - Tp(mean)) * Tp(rstd));
+            const int64_t i = j * H + k;
+            Tp g = ld(dg + i, tag), rhat = ld(rhb + i, tag), ahat = (ld(a + i, tag) - Tp(ma)) * Tp(ra);
+            st(p4 + i, ld(p4 + i, tag) + g);
+            st(p4 + G + i, ld(p4 + G + i, tag) + g * rhat);
+            st(p4 + 2 * G + i, ld(p4 + 2 * G + i, tag) + g * ahat);
+            Tp dyr = g * ld(ghh + i, tag), dya = g * ld(gih + i, tag);
+            r1.add(dyr);
+            r2.add(dyr * rhat);
+            a1.add(dya);
+            a2.add(dya * ahat);
           });
-        }
-        lanes(G, [&](auto* tag, int64_t k) {
-          using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp g = ld(dg + k, tag);
-          st(p4 + k, ld(p4 + k, tag) + g);
-          st(p4 + G + k, ld(p4 + G + k, tag) + g * ld(rhb + k, tag));
-          st(p4 + 2 * G + k, ld(p4 + 2 * G + k, tag) + g * ld(ahb + k, tag));
-        });
-        for (int j = 0; j < 4; ++j) {
-          layer_norm_row_bwd(dg + j * H, ghh + j * H, rhb + j * H, s[4 + j], drb + j * H, H);
-          layer_norm_row_bwd(dg + j * H, gih + j * H, ahb + j * H, s[j], dab + j * H, H);
+          const float rm1 = r1.total() / H, rm2 = r2.total() / H, am1 = a1.total() / H, am2 = a2.total() / H;
+          lanes(H, [&](auto* tag, int64_t k) {
+            using Tp = std::remove_pointer_t<decltype(tag)>;
+            const int64_t i = j * H + k;
+            Tp g = ld(dg + i, tag), rhat = ld(rhb + i, tag), ahat = (ld(a + i, tag) - Tp(ma)) * Tp(ra);
+            st(drb + i, Tp(rr) * (g * ld(ghh + i, tag) - Tp(rm1) - rhat * Tp(rm2)));
+            st(dab + i, Tp(ra) * (g * ld(gih + i, tag) - Tp(am1) - ahat * Tp(am2)));
+          });
         }
       }
     });
