@@ -95,6 +95,16 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
         assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
 
 
+def test_on_one_thread_the_kernel_s_gemms_are_at_mm_s_and_as_exact(eager_compile):
+    """With several threads each takes a block of a GEMM's columns (its own sgemm); with one, at::mm runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        test_the_kernel_matches_the_cell_in_float64({"forget_bias": 0.3}, LENGTHS, True, None)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_a_bidirectional_stack_runs_every_cell_through_the_kernel(eager_compile):
     torch.manual_seed(0)
     model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
