@@ -26,7 +26,7 @@ The inputs are projected before the loop, for the whole sequence, except for a c
 ``compile_projection`` (``ln_lstm``) and is not on the batched weight gradient's ``xp`` route (which
 needs the whole sequence's projection; its slot route does not): its graph projects each chunk's inputs
 itself, so the projection's layer norm fuses with the steps' arithmetic
-(compiled ``ln_lstm`` 0.58–0.60 → 0.71–0.72 of ``torch.nn.LSTM``; +0.035 for ``gru``, paired, too little
+(compiled ``ln_lstm`` 0.58–0.60 → 0.71–0.72 of ``torch.nn.LSTM`` under glibc's default heap; +0.035 for ``gru``, paired, too little
 to be worth its cost: such a graph depends on the layer's input width, so a stack's first layer needs its own).
 
 *How* it is compiled: ``torch.compile(run_steps, dynamic=False)`` with

@@ -2,12 +2,12 @@
 
 One job. ``csrc/ln_lstm.cpp`` is a hand-written forward and backward pass of a whole
 :class:`~rnnsearch.cells.ln_lstm.LayerNormLSTMCell` sequence (float32, CPU): the recurrent GEMMs
-stay ATen's (``at::mm``), everything between two GEMMs runs in one pass per batch row,
+are BLAS's ``sgemm``, split by columns over the threads (``at::mm`` where libtorch does not export it),
+everything between two GEMMs runs in one pass per batch row,
 vectorised with ATen's ``at::vec``; the gains' and bias' gradients accumulate per thread while each
 row is in cache, and the recurrent weight's gradient is one GEMM after the loop. It replaces the
-inductor-compiled chunks for this cell on the CPU (docs/performance.md: compiled, ``ln_lstm`` reached
-0.64–0.81 of ``torch.nn.LSTM``, its layer norms' reductions and once-per-chunk gradient kernels
-being the gap).
+inductor-compiled chunks for this cell on the CPU, 1.4–1.6x faster than they are (docs/performance.md:
+0.79–0.95 of ``torch.nn.LSTM`` against their 0.50–0.65, freed memory kept for both).
 
 It is used where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of a cell whose arithmetic is the registry's own
