@@ -39,10 +39,11 @@ trials and worker processes of a sweep, and later sweeps, reuse each other's
 compiled graphs (inductor's FX-graph and AOTAutograd caches). A marker file
 per compiled cell signature records that a warm compile exists.
 
-*One cell has its own kernel*: where the compiled path runs, a float32 CPU training sequence of
-``ln_lstm`` runs a hand-written fused forward and backward (:mod:`rnnsearch.cells.ln_lstm_kernel`)
-instead of inductor's graphs: 1.3–1.4× faster than them, paired in one process (docs/performance.md).
-It is built once per machine and PyTorch version (about a minute), whatever the cell's shape.
+*Two cells have their own kernels*: where the compiled path runs, a float32 CPU training sequence of
+``ln_lstm`` or of a vanilla ``lstm`` without projection runs a hand-written fused forward and backward
+(:mod:`rnnsearch.cells.ln_lstm_kernel`, :mod:`rnnsearch.cells.lstm_kernel`) instead of inductor's graphs
+(docs/performance.md). One extension holds both; it is built once per machine and PyTorch version (about a
+minute), whatever the cells' shapes.
 
 *How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the
 training budget's recurrent steps (optimizer steps × sequence length × cells)
@@ -163,8 +164,8 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
             compiled earlier in the same run (each a warm compile).
         device_type: ``cpu`` or ``cuda`` (others never compile).
         available: whether inductor can compile here (:func:`compiler_available`).
-        kernel_cells: cells that run a hand-written kernel instead of inductor's graphs (``ln_lstm`` on
-            the CPU; not counted in the shapes).
+        kernel_cells: cells that run a hand-written kernel instead of inductor's graphs (``lstm``,
+            ``ln_lstm`` on the CPU; not counted in the shapes).
         kernel_built: whether that kernel is built (:data:`~rnnsearch.cells.ln_lstm_kernel.LOAD_S` to
             load it) or must be built first, once per machine and PyTorch version
             (:data:`~rnnsearch.cells.ln_lstm_kernel.BUILD_S`).
@@ -186,7 +187,7 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
     cost = new_shapes * c.cold_s + cached_shapes * c.warm_s + kernel_s
     saving = recur_steps * c.saving_s
     verdict = saving > MARGIN * cost
-    builds = f"; ln_lstm kernel {'built' if kernel_built else 'to build'}" if kernel_cells else ""
+    builds = f"; fused CPU kernels {'built' if kernel_built else 'to build'}" if kernel_cells else ""
     why = (f"budget of {recur_steps:,} recurrent steps saves ~{saving:.0f} s "
            f"{'>' if verdict else '<='} {MARGIN:g} x ~{cost:.0f} s to compile "
            f"({new_shapes} new, {cached_shapes} cached cell shape(s){builds})")
@@ -286,7 +287,7 @@ class ChunkRunner:
         self.failed: Optional[str] = None
         self.signature: Optional[str] = None
         self.compiled_calls = 0  # chunks handed to the compiled function (for tests and logs)
-        self.kernel_calls = 0  # sequences a cell ran through its own fused kernel instead (ln_lstm on the CPU)
+        self.kernel_calls = 0  # sequences a cell ran through its own fused kernel instead (lstm, ln_lstm on the CPU)
         self._sequences = 0
 
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles start uncompiled
@@ -402,14 +403,15 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         device: the training device.
         amp: the autocast dtype, or None.
     """
-    from rnnsearch.cells import ln_lstm_kernel
+    from rnnsearch.cells import ln_lstm_kernel, lstm_kernel
 
     dev = torch.device(device).type
     cells = step_cells(model)
     seen: set[str] = set()
     new = cached = kernels = 0
     for cell in cells:
-        if ln_lstm_kernel.applies(cell, dev, cell_dtype(cell), amp, seq_len):  # its own kernel, not inductor's
+        if any(k.applies(cell, dev, cell_dtype(cell), amp, seq_len)  # a fused CPU kernel, not inductor's graphs
+               for k in (ln_lstm_kernel, lstm_kernel)):
             kernels += 1
             continue
         deferred = cell.batched_weights(seq_len) is not None
@@ -428,9 +430,10 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         setup_cache()
         install(model, chunk)
         if kernels and ln_lstm_kernel.load() is not None:  # build (or load) it now, not inside the first step
-            decision = Decision(True, f"{decision.reason}; {kernels} ln_lstm cell(s) run the fused CPU kernel")
+            decision = Decision(True, f"{decision.reason}; {kernels} cell(s) run a fused CPU kernel")
         elif kernels:  # the build failed (it warned): those cells compile inductor's graphs after all
-            decision = Decision(True, f"{decision.reason}; the ln_lstm kernel did not build: inductor compiles them")
+            decision = Decision(True, f"{decision.reason}; the fused CPU kernels did not build: inductor compiles "
+                                      f"those cells")
     else:
         uninstall(model)
     return decision

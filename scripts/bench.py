@@ -20,10 +20,11 @@ and (``--paths adg``) the ablation of the compiled chunks' exp-based tanh (``rnn
 
   (g) path (d) compiled with inductor's SLEEF ``tanh`` (``TORCHINDUCTOR_CPP_USE_DECOMPOSE_TANH=0`` for its calls),
 
-and (``--cells ln_lstm --paths adh``) what ``ln_lstm``'s hand-written CPU kernel (``rnnsearch.cells.ln_lstm_kernel``,
-which path (d) runs for it on a CPU in float32) gains over inductor's compiled chunks:
+and (``--paths adh``) what the hand-written CPU kernels of ``lstm`` and ``ln_lstm`` (``rnnsearch.cells.lstm_kernel``,
+``rnnsearch.cells.ln_lstm_kernel``, which path (d) runs for them on a CPU in float32) gain over inductor's
+compiled chunks:
 
-  (h) path (d) with the kernel switched off (``ln_lstm_kernel.ENABLED = False`` for its calls; other cells: (d)),
+  (h) path (d) with the kernels switched off (``ln_lstm_kernel.ENABLED = False`` for its calls; ``gru``: (d)),
 
 each as a ratio to (a), plus the achieved GFLOP/s of (a) against the matmul
 throughput measured on the same machine in the same run (float32, or bfloat16
@@ -67,7 +68,7 @@ from torch import nn
 
 from rnnsearch import ConfigError, build_model
 from rnnsearch import compile as compiling
-from rnnsearch.cells import ln_lstm_kernel
+from rnnsearch.cells import ln_lstm_kernel, lstm_kernel
 from rnnsearch.cells.base import RNNCell
 from rnnsearch.heap import keep_freed_memory
 
@@ -198,7 +199,7 @@ def with_exact_tanh(step: Callable[[], None]) -> Callable[[], None]:
 
 
 def without_kernel(step: Callable[[], None]) -> Callable[[], None]:
-    """Path (h): run ``step`` with ``ln_lstm``'s fused CPU kernel off, so its compiled path is inductor's graphs."""
+    """Path (h): run ``step`` with the fused CPU kernels off, so the compiled path is inductor's graphs."""
 
     def run() -> None:
         ln_lstm_kernel.ENABLED = False
@@ -325,7 +326,8 @@ def measure_memory(path: str, steps: int, hidden: int, device: torch.device, chu
     if path == "h":
         step = without_kernel(step)
     step()  # warm-up: Adam's state, the compile of (d)
-    ln_lstm_kernel.WORKSPACE.clear()  # the measured step allocates the kernel's saved activations, as a first does
+    for kernel in (ln_lstm_kernel, lstm_kernel):  # the measured step allocates the saved activations, as a first does
+        kernel.WORKSPACE.clear()
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)

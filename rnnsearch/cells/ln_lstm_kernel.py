@@ -82,7 +82,8 @@ def compile_flags(cap: Optional[str] = None) -> list[str]:
 def extension_name() -> str:
     """``rnnsearch_ln_lstm_<capability>_<hash of source, flags, PyTorch and Python versions>``."""
     abi = (sys.version_info[:2], sysconfig.get_config_var("SOABI"))
-    text = SOURCE.read_bytes() + repr((torch.__version__, compile_flags(), abi)).encode()
+    text = b"".join(f.read_bytes() for f in (SOURCE, *sorted(SOURCE.parent.glob("*.h"))))  # lstm.h, common.h too
+    text += repr((torch.__version__, compile_flags(), abi)).encode()
     return f"rnnsearch_ln_lstm_{capability().lower()}_{hashlib.sha256(text).hexdigest()[:12]}"
 
 

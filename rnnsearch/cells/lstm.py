@@ -13,6 +13,9 @@ options are ones it has. The step (TF ``rnn_cell_impl.py``)::
 ``forget_bias`` is a constant added at every step, not an initialiser (TF
 BasicLSTMCell). State is ``(h, c)`` in PyTorch's order, ``h`` of width
 ``num_proj`` when projecting.
+
+Where the compiled path runs on a CPU (``model.compile``), a bare vanilla ``lstm`` without projection
+runs a hand-written fused kernel instead (:mod:`rnnsearch.cells.lstm_kernel`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch.nn.functional import linear
 
 from rnnsearch.errors import ConfigError, check_bool, check_number, check_positive_int, check_positive_number
 
+from . import lstm_kernel
 from .base import RNNCell, State
 from .functional import activation as get_activation
 from .functional import clip, init_uniform_
@@ -113,6 +117,17 @@ class LSTMCell(RNNCell):
 
     def project_input(self, x: Tensor) -> Tensor:
         return linear(x, self.weight_ih, self.bias_ih)  # (..., 4h)
+
+    def forward_sequence(
+        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
+    ) -> tuple[Tensor, State]:
+        runner = self.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
+        if runner is not None and not runner.failed:
+            result = lstm_kernel.forward_sequence(self, x, state, lengths)
+            if result is not None:
+                runner.kernel_calls += 1
+                return result
+        return super().forward_sequence(x, state, lengths)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh, self.bias_hh)

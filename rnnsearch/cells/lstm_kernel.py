@@ -1,0 +1,115 @@
+"""``lstm``'s fused CPU kernel: run a training sequence of the registry's LSTM through ``csrc/lstm.h``.
+
+One job. ``csrc/lstm.h`` is a hand-written forward and backward pass of a whole
+:class:`~rnnsearch.cells.lstm.LSTMCell` sequence (float32, CPU) in the scheme of ``ln_lstm``'s kernel:
+the recurrent GEMMs split by columns over the threads, everything between two GEMMs one vectorised
+pass per batch row, the peepholes' gradients accumulated per thread, the recurrent weight's gradient
+one GEMM after the loop. It is part of the same extension (one build per machine, built and loaded by
+:mod:`rnnsearch.cells.ln_lstm_kernel`), and replaces inductor's compiled chunks for the cell on the CPU.
+
+It runs where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
+grad-enabled float32 CPU sequence without autocast of the registry's own ``lstm`` (a subclass that
+redefines a step method gets the generic path) in its ``vanilla`` variant, with ``tanh``, without
+projection (``num_proj``; peepholes, ``cell_clip`` and any ``forget_bias`` are in), with
+``batched_weight_grad`` on and ``weight_hh`` trained. Anything else, a failed build, or
+``ln_lstm_kernel.ENABLED = False`` (the switch for both kernels) runs the generic path.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import ln_lstm_kernel
+from .base import _owner, step_masks
+from .ln_lstm_kernel import Workspace
+
+#: The step methods the kernel reproduces: a subclass redefining any of them runs the generic path.
+STEP_METHODS = ("project_input", "recur", "recur_deferred", "_step", "forward_sequence", "zero_state",
+                "start_sequence")
+
+WORKSPACE = Workspace()  # its own: a model with ln_lstm and lstm layers keeps both kernels' buffers
+
+
+def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
+    T, B, H = steps, batch, hidden
+    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H)]  # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c)
+
+
+class LSTMSequence(torch.autograd.Function):
+    """A whole ``lstm`` sequence: forward and backward in the C++ kernel."""
+
+    @staticmethod
+    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, w_ci: Tensor, w_cf: Tensor,
+                w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float) -> tuple[Tensor, Tensor, Tensor]:
+        ext = ln_lstm_kernel.load()
+        B, T, G = XP.shape
+        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), XP)
+        W_hh, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, w_ci, w_cf, w_co))
+        out, hT, cT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
+                                       float(forget_bias), float(cell_clip), *bufs)
+        ctx.save_for_backward(W_hh, w_ci, w_cf, w_co, valid, *bufs)
+        ctx.cell_clip = float(cell_clip)
+        ctx.handed_back = False
+        return out, hT, cT
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
+        W_hh, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
+        T, B, H = bufs[0].shape
+        if ctx.handed_back:  # a second backward (retain_graph): its own buffers are free, and must stay unwritten
+            dR = W_hh.new_empty((T, B, 4 * H))
+        else:
+            (dR,) = WORKSPACE.take([(T, B, 4 * H)], W_hh, fresh_drops_others=False)
+        dXP, dh0, dc0, dW, dci, dcf, dco = ln_lstm_kernel.load().lstm_backward(
+            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, *bufs, valid, dR)
+        WORKSPACE.give([dR] if ctx.handed_back else [*bufs, dR])
+        ctx.handed_back = True
+        peep = w_ci.numel() > 0
+        return (dXP, dh0, dc0, dW, dci if peep else None, dcf if peep else None, dco if peep else None,
+                None, None, None)
+
+
+def _unchanged(cell: Any) -> bool:
+    from .lstm import LSTMCell
+
+    return all(_owner(type(cell), m) is _owner(LSTMCell, m) for m in STEP_METHODS)
+
+
+def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+    """Whether training sequences of ``steps`` steps of ``cell`` would run the kernel (before building it)."""
+    from .lstm import LSTMCell
+
+    return (ln_lstm_kernel.ENABLED and isinstance(cell, LSTMCell) and _unchanged(cell)
+            and cell.variant == "vanilla" and cell.activation == "tanh" and cell.num_proj is None
+            and cell.batched_weight_grad and cell.weight_hh.requires_grad and steps >= 2 and device_type == "cpu"
+            and dtype == torch.float32 and amp is None and ln_lstm_kernel._failed is None)
+
+
+def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
+                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+    batch, steps = x.shape[0], x.shape[1]
+    if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
+            or not applies(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
+            or cell.weight_hh.device.type != "cpu"
+            or (state is not None and any(s.dtype != torch.float32 or s.device.type != "cpu" for s in state))
+            or ln_lstm_kernel.load() is None):
+        return None
+    if state is None:
+        state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
+    h0, c0 = (s.expand(batch, cell.hidden_size) for s in state)
+    XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
+    if lengths is None:
+        valid = torch.empty(0, dtype=torch.bool)
+    else:
+        valid = step_masks(lengths, steps, torch.device("cpu")).squeeze(2).contiguous()  # (t, b)
+    none = x.new_empty(0)
+    peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.use_peepholes else (none, none, none)
+    out, hT, cT = LSTMSequence.apply(XP, h0, c0, cell.weight_hh, *peep, valid, cell.forget_bias,
+                                     cell.cell_clip or 0.0)
+    return out, (hT, cT)

@@ -1,0 +1,195 @@
+"""``lstm``'s fused CPU kernel computes what the cell computes (correctness only, no timing).
+
+Against the generic cell-by-cell path in float64: outputs, final states and every gradient, with
+peepholes, a cell clip that bites, forget biases, lengths, a given initial state, both directions. Where
+the kernel must not run (projection, a Greff variant, another activation, a subclass, float64, autocast,
+no grad, the switch off), it does not. The kernel shares its extension with ``ln_lstm``'s; the first test
+to load it builds it (about a minute) into the shared cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from conftest import TINY, assert_close, compose_config
+from rnnsearch import build_model, train
+from rnnsearch import compile as compiling
+from rnnsearch.callbacks import Callback
+from rnnsearch.cells import ln_lstm_kernel, lstm_kernel
+from rnnsearch.cells.lstm import LSTMCell
+from rnnsearch.compile import ChunkRunner
+
+B, T, IN, H = 5, 23, 7, 24
+LENGTHS = torch.tensor([23, 4, 17, 1, 22])  # unsorted, one of length 1
+
+
+@pytest.fixture
+def eager_compile(monkeypatch):
+    """torch.compile returns the function itself: the generic 'compiled' path runs eagerly, fast."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
+
+
+def _cell(hidden: int = H, **options: Any) -> LSTMCell:
+    torch.manual_seed(0)
+    cell = LSTMCell(IN, hidden, **options)
+    with torch.no_grad():  # weights large enough for the cell state to reach a clip of 0.5
+        cell.weight_ih.mul_(4.0)
+        for name in ("weight_ci", "weight_cf", "weight_co"):
+            if hasattr(cell, name):
+                getattr(cell, name).uniform_(-0.8, 0.8)
+    return cell
+
+
+def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool):
+    """Outputs, final state and the gradients of a loss on all three, w.r.t. input, state and parameters."""
+    x = x.to(cell.weight_hh.dtype).clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    state = None
+    if with_state:
+        g = torch.Generator().manual_seed(1)
+        state = tuple((0.5 * torch.randn(B, cell.hidden_size, generator=g)).to(x.dtype).requires_grad_() for _ in range(2))
+    out, (h, c) = cell.forward_sequence(x, state, lengths)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    if with_state:
+        grads.update(h0=state[0].grad, c0=state[1].grad)
+    return out.detach(), h.detach(), c.detach(), grads
+
+
+@pytest.mark.parametrize("options,lengths,with_state", [
+    ({}, None, False),
+    ({"use_peepholes": True, "forget_bias": 0.3}, LENGTHS, True),
+    ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS, False),
+    ({"cell_clip": 0.5, "forget_bias": 0.0}, None, True),
+    ({"hidden": 13, "use_peepholes": True}, LENGTHS, True),  # not a multiple of the vector width: the scalar tails
+], ids=["defaults", "peepholes-lengths-state", "peepholes-clip", "clip-no-forget-bias", "hidden-13"])
+def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
+    """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
+    x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
+    exact = _run(_cell(**options).double(), x, lengths, with_state)
+    generic = _run(_cell(**options), x, lengths, with_state)
+    cell = _cell(**options)
+    cell.sequence_runner = ChunkRunner(4)
+    kernel = _run(cell, x, lengths, with_state)
+    assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0, "the kernel ran"
+    if lengths is not None:
+        assert (kernel[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros"
+    if "cell_clip" in options:
+        clipped = (exact[2].abs() >= 0.5 - 1e-12).float().mean().item()
+        assert 0.05 < clipped < 0.95, f"the clip must bite for this test to mean anything ({clipped:.2f} clipped)"
+
+    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
+        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
+        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
+    checks += [(3, name, f"grad {name}") for name in exact[3]]
+    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + 1e-6  # float32's own rounding, 3 times
+    assert bound < 1e-3
+    for i, name, what in checks:
+        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
+
+
+def test_a_bidirectional_peephole_stack_runs_every_cell_through_the_kernel(eager_compile):
+    torch.manual_seed(0)
+    model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}
+    cells = build_model({"cell": {"name": "lstm", "use_peepholes": True}, "model": model}, IN, 3)
+    reference = copy.deepcopy(cells).double()
+    compiling.install(cells, chunk=4)
+    x = torch.randn(B, T, IN)
+    outs, grads = [], []
+    for m, xx in ((reference, x.double()), (cells, x)):
+        m.zero_grad(set_to_none=True)
+        out = m(xx, LENGTHS)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert [c.sequence_runner.kernel_calls for c in compiling.step_cells(cells)] == [1, 1, 1, 1]
+    assert_close(outs[1], outs[0], 2e-6, "outputs")
+    for name, grad in grads[0].items():
+        scale = max(1.0, grad.abs().max().item())
+        assert_close(grads[1][name] / scale, grad / scale, 2e-5, f"grad {name}")
+
+
+class ChangedStep(LSTMCell):
+    def _step(self, xp_t, state, weight_hh, bias_hh):  # noqa: ANN001 - a user's variant of the step
+        h, c = super()._step(xp_t, state, weight_hh, bias_hh)
+        return h * 0.5, (c[0] * 0.5, c[1])
+
+
+@pytest.mark.parametrize("case", ["projection", "variant", "activation", "subclass", "float64", "no-grad",
+                                  "autocast", "switched-off", "per-step-grad"])
+def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compile, monkeypatch):
+    options = {"projection": {"num_proj": 8}, "variant": {"variant": "CIFG"},
+               "activation": {"activation": "relu"}}.get(case, {})
+    cell = ChangedStep(IN, H) if case == "subclass" else _cell(**options)
+    if case == "float64":
+        cell = cell.double()
+    if case == "switched-off":
+        monkeypatch.setattr(ln_lstm_kernel, "ENABLED", False)
+    if case == "per-step-grad":
+        cell.batched_weight_grad = False
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN, dtype=cell.weight_hh.dtype)
+    if case == "no-grad":
+        with torch.no_grad():
+            cell.forward_sequence(x)
+    elif case == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cell.forward_sequence(x)
+    else:
+        cell.forward_sequence(x)
+    assert cell.sequence_runner.kernel_calls == 0
+    assert not lstm_kernel.applies(cell, "cpu", cell.weight_hh.dtype, None) or case in ("no-grad", "autocast")
+
+
+def test_gradients_are_first_order_and_a_reused_workspace_is_never_read_twice(eager_compile):
+    cell = _cell(use_peepholes=True)
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, IN, requires_grad=True)
+    out, _ = cell.forward_sequence(x)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        gx.sum().backward()
+
+    out, _ = cell.forward_sequence(x)
+    loss = out.pow(2).sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+    assert torch.equal(g1, g2)
+    cell.forward_sequence(x)  # takes the buffers the first backward handed back
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, x)
+
+
+def test_nan_stays_nan_as_in_the_cell(eager_compile):
+    x = torch.randn(B, T, IN)
+    x[0, 2, 0] = float("nan")
+    cell = _cell(use_peepholes=True, cell_clip=3.0)
+    reference = copy.deepcopy(cell)
+    cell.sequence_runner = ChunkRunner(4)
+    out, (h, c) = cell.forward_sequence(x)
+    expected, _ = reference.forward_sequence(x)
+    assert cell.sequence_runner.kernel_calls == 1
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)) and torch.isnan(out[0, 2:]).all()
+    assert torch.isnan(h[0]).all() and torch.isfinite(out[1:]).all()
+
+
+def test_training_peephole_lstm_with_compile_true_runs_the_kernel():
+    class Seen(Callback):
+        def on_train_begin(self, info: dict[str, Any]) -> None:
+            self.info = info
+
+    seen = Seen()
+    result = train(compose_config([*TINY, "cell=lstm", "cell.use_peepholes=true", "model.compile=true",
+                                   "task.train_size=96", "train.batch_size=32", "train.epochs=2",
+                                   "task.seq_len=12"]), callbacks=[seen])
+    runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
+    assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
+    assert "cell(s) run a fused CPU kernel" in seen.info["compile"]
+    assert result["test/mse"] == result["test/mse"]  # finite, not NaN
