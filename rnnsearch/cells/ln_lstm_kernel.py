@@ -15,8 +15,10 @@ grad-enabled float32 CPU sequence without autocast of a cell whose arithmetic is
 kernel's gradient is first-order only, like the batched weight gradient's; switching that off gives
 plain autograd). Anything else, or a failed build (with a warning), runs the generic path.
 
-The extension is built with :func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
-into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the source's hash, the PyTorch and Python
+The extension (``csrc/ln_lstm.cpp``, which includes ``csrc/common.h`` and ``csrc/lstm.h``: it also holds
+``lstm``'s kernel, run by :mod:`rnnsearch.cells.lstm_kernel`) is built with
+:func:`torch.utils.cpp_extension.load` (needs a C++ compiler and ninja)
+into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the sources' hash, the PyTorch and Python
 versions and the CPU's vector capability, so every worker and later run loads it without building again.
 
 Saved activations live in a :class:`Workspace` reused step after step: fresh 10–100 MB buffers every
