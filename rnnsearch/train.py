@@ -215,6 +215,7 @@ def _loop(model: nn.Module, task: Task, optimizer: torch.optim.Optimizer, device
                 host_tokens += int(batch.cpu_lengths.sum())
             else:
                 tokens += batch.tokens()
+            del out, loss  # the step's graph goes now: a fused CPU kernel's buffers return before the next forward
             steps += 1
             if max_steps is not None and steps >= max_steps:
                 stopped = "max_steps"

@@ -132,7 +132,8 @@ class ChangedStep(LayerNormLSTMCell):
         return h * 0.5, (c[0] * 0.5, c[1])
 
 
-@pytest.mark.parametrize("case", ["subclass", "float64", "no-grad", "autocast", "switched-off", "per-step-grad"])
+@pytest.mark.parametrize("case", ["subclass", "float64", "no-grad", "autocast", "switched-off", "per-step-grad",
+                                  "learned-forget-bias"])
 def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compile, monkeypatch):
     cell = ChangedStep(IN, H) if case == "subclass" else _cell()
     if case == "float64":
@@ -141,6 +142,8 @@ def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compi
         monkeypatch.setattr(ln_lstm_kernel, "ENABLED", False)
     if case == "per-step-grad":
         cell.batched_weight_grad = False  # needed for double backward: the kernel is first-order only
+    if case == "learned-forget-bias":  # a user's tensor where the cell has a number: the kernel would drop its grad
+        cell.forget_bias = torch.nn.Parameter(torch.tensor(1.0))
     cell.sequence_runner = ChunkRunner(4)
     x = torch.randn(B, T, IN, dtype=cell.weight_hh.dtype)
     if case == "no-grad":
@@ -159,7 +162,7 @@ def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compi
         assert_close(out[:, :1], 0.5 * base_out[:, :1], 1e-6, "the first step, halved")
 
 
-def test_gradients_are_first_order_and_a_reused_workspace_is_never_read_twice(eager_compile):
+def test_gradients_are_first_order_and_a_retained_graph_keeps_its_buffers(eager_compile):
     cell = _cell()
     cell.sequence_runner = ChunkRunner(4)
     x = torch.randn(B, T, IN, requires_grad=True)
@@ -168,14 +171,57 @@ def test_gradients_are_first_order_and_a_reused_workspace_is_never_read_twice(ea
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
         gx.sum().backward()
 
-    out, _ = cell.forward_sequence(x)  # retain_graph: a second backward reads the same, untouched activations
-    loss = out.pow(2).sum()
-    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
-    (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
-    assert torch.equal(g1, g2)
-    cell.forward_sequence(x)  # takes the buffers the first backward handed back
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        torch.autograd.grad(loss, x)
+    generic = copy.deepcopy(cell)
+    del generic.__dict__["sequence_runner"]
+    grads = []
+    for c in (cell, generic):  # retain_graph, another sequence, then a backward through both graphs
+        c.zero_grad()
+        out1, _ = c.forward_sequence(x)
+        out1.pow(2).sum().backward(retain_graph=True)
+        out2, _ = c.forward_sequence(2 * x)
+        (out1 * out2).mean().backward()
+        grads.append(c.weight_hh.grad.clone())
+    assert cell.sequence_runner.kernel_calls == 3
+    scale = grads[1].abs().max()
+    assert_close(grads[0] / scale, grads[1] / scale, 2e-5, "W_hh grad: the retained graph read its own buffers")
+
+
+def test_saved_tensor_hooks_cannot_make_a_graph_read_reused_buffers(eager_compile):
+    """save_on_cpu keeps CPU tensors as they are, skipping autograd's version check: buffers must not be reused."""
+    cell = _cell()
+    cell.sequence_runner = ChunkRunner(4)
+    generic = copy.deepcopy(cell)
+    del generic.__dict__["sequence_runner"]
+    x = torch.randn(B, T, IN)
+    grads = []
+    for c in (cell, generic):
+        with torch.autograd.graph.save_on_cpu():
+            out1, _ = c.forward_sequence(x)
+            loss1 = out1.pow(2).sum()
+            loss1.backward(retain_graph=True)
+            c.forward_sequence(2 * x)[0].sum().backward()
+        c.zero_grad()
+        loss1.backward()
+        grads.append(c.weight_hh.grad.clone())
+    scale = grads[1].abs().max()
+    assert_close(grads[0] / scale, grads[1] / scale, 2e-5, "W_hh grad of the first graph, read again")
+
+
+def test_a_training_loop_reuses_the_buffers_once_the_step_s_graph_is_dropped(eager_compile):
+    cell = _cell()
+    cell.sequence_runner = ChunkRunner(4)
+    ln_lstm_kernel.WORKSPACE.clear()
+    x = torch.randn(B, T, IN)
+    seen = []
+    for _ in range(3):
+        out = cell.forward_sequence(x)[0]  # the state's tensors would keep the graph too
+        out.sum().backward()
+        seen.append(sorted(t.data_ptr() for ts in ln_lstm_kernel.WORKSPACE._free.values() for t in ts))
+        del out
+    free = sorted(t.data_ptr() for ts in ln_lstm_kernel.WORKSPACE._free.values() for t in ts)
+    assert free and set(seen[-1]) < set(free), "the dropped graph's buffers are free again"
+    out = cell.forward_sequence(x)[0]
+    assert len(sorted(t.data_ptr() for ts in ln_lstm_kernel.WORKSPACE._free.values() for t in ts)) < len(free), "and reused"
 
 
 def test_the_workspace_reuses_buffers_of_the_latest_shapes_only():

@@ -22,7 +22,7 @@ into ``$RNNSEARCH_CACHE/ext/<name>``, where the name carries the sources' hash, 
 versions and the CPU's vector capability, so every worker and later run loads it without building again.
 
 Saved activations live in a :class:`Workspace` reused step after step: fresh 10–100 MB buffers every
-step cost more in page faults than the kernel's own arithmetic.
+step cost more in page faults than the kernel's own arithmetic (under glibc's default heap).
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import sys
 import sysconfig
 import threading
 import warnings
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -128,12 +129,13 @@ def load() -> Any:
 
 
 class Workspace:
-    """Buffers for the saved activations, handed back after backward and reused by the next sequence.
+    """Buffers for the saved activations, handed back when their graph is freed and reused by the next sequence.
 
-    Holds the free buffers of the most recent shapes only (a new shape drops the others), so what it
-    keeps between steps is at most what a step needs anyway. A reused buffer's version is bumped, so a
-    second backward through a graph whose buffers were reused (``retain_graph=True``, then another
-    forward) raises autograd's in-place error instead of reading another sequence's activations.
+    A sequence's buffers go back only when its autograd node is freed (the graph's outputs and loss
+    dropped), not after its first backward: a graph kept with ``retain_graph=True``, or saved through
+    saved-tensor hooks that bypass autograd's version check (``save_on_cpu`` on a CPU), may read them
+    again. Holds the free buffers of the most recent shapes only (a new shape drops the others), so what it
+    keeps between steps is at most what a step needs anyway. A reused buffer's version is bumped.
     """
 
     def __init__(self) -> None:
@@ -157,8 +159,12 @@ class Workspace:
                 out.append(t)
             return out
 
+    def give_when_freed(self, ctx: Any, tensors: Sequence[Tensor]) -> None:
+        """Hand ``tensors`` back once the autograd node ``ctx`` is freed, i.e. when no graph can read them again."""
+        weakref.finalize(ctx, self.give, list(tensors)).atexit = False
+
     def give(self, tensors: Sequence[Tensor]) -> None:
-        """Hand buffers back after the backward pass that read them (a buffer already free is not added twice)."""
+        """Hand buffers back (a buffer already free is not added twice)."""
         with self._lock:
             for t in tensors:
                 free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
@@ -193,7 +199,7 @@ class LNLSTMSequence(torch.autograd.Function):
         out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
                                   float(forget_bias), float(eps), *bufs)
         ctx.save_for_backward(A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
-        ctx.handed_back = False
+        WORKSPACE.give_when_freed(ctx, bufs)
         return out, hT, cT
 
     @staticmethod
@@ -201,13 +207,9 @@ class LNLSTMSequence(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
         A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
         B, T, G = A.shape
-        if ctx.handed_back:  # a second backward (retain_graph): its own buffers are free, and must stay unwritten
-            dR = A.new_empty((T, B, G))
-        else:
-            (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)
+        (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)  # a work buffer: back right after
         grads = load().backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
-        WORKSPACE.give([dR] if ctx.handed_back else [*bufs, dR])
-        ctx.handed_back = True
+        WORKSPACE.give([dR])
         return (*grads, None, None, None)
 
 
@@ -222,6 +224,7 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
     from .ln_lstm import LayerNormLSTMCell
 
     return (ENABLED and isinstance(cell, LayerNormLSTMCell) and _unchanged(cell) and cell.batched_weight_grad
+            and all(isinstance(v, (int, float)) for v in (cell.forget_bias, cell.eps))  # not a learned tensor
             and cell.weight_hh.requires_grad and steps >= 2 and device_type == "cpu" and dtype == torch.float32
             and amp is None and _failed is None)
 

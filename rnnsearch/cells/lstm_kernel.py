@@ -53,7 +53,7 @@ class LSTMSequence(torch.autograd.Function):
                                        float(forget_bias), float(cell_clip), *bufs)
         ctx.save_for_backward(W_hh, w_ci, w_cf, w_co, valid, *bufs)
         ctx.cell_clip = float(cell_clip)
-        ctx.handed_back = False
+        WORKSPACE.give_when_freed(ctx, bufs)
         return out, hT, cT
 
     @staticmethod
@@ -61,14 +61,10 @@ class LSTMSequence(torch.autograd.Function):
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
         W_hh, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
         T, B, H = bufs[0].shape
-        if ctx.handed_back:  # a second backward (retain_graph): its own buffers are free, and must stay unwritten
-            dR = W_hh.new_empty((T, B, 4 * H))
-        else:
-            (dR,) = WORKSPACE.take([(T, B, 4 * H)], W_hh, fresh_drops_others=False)
+        (dR,) = WORKSPACE.take([(T, B, 4 * H)], W_hh, fresh_drops_others=False)  # a work buffer: back right after
         dXP, dh0, dc0, dW, dci, dcf, dco = ln_lstm_kernel.load().lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, *bufs, valid, dR)
-        WORKSPACE.give([dR] if ctx.handed_back else [*bufs, dR])
-        ctx.handed_back = True
+        WORKSPACE.give([dR])
         peep = w_ci.numel() > 0
         return (dXP, dh0, dc0, dW, dci if peep else None, dcf if peep else None, dco if peep else None,
                 None, None, None)
@@ -85,6 +81,7 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
     from .lstm import LSTMCell
 
     return (ln_lstm_kernel.ENABLED and isinstance(cell, LSTMCell) and _unchanged(cell)
+            and all(isinstance(v, (int, float)) for v in (cell.forget_bias, cell.cell_clip or 0.0))  # not tensors
             and cell.variant == "vanilla" and cell.activation == "tanh" and cell.num_proj is None
             and cell.batched_weight_grad and cell.weight_hh.requires_grad and steps >= 2 and device_type == "cpu"
             and dtype == torch.float32 and amp is None and ln_lstm_kernel._failed is None)
