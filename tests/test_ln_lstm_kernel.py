@@ -11,6 +11,8 @@ test to load the kernel builds it (about a minute) into the shared cache.
 from __future__ import annotations
 
 import copy
+import gc
+import threading
 from typing import Any, Optional
 
 import pytest
@@ -361,3 +363,28 @@ def test_a_frozen_recurrent_weight_is_counted_as_inductor_s(monkeypatch):
     decision = compiling.prepare(model, "auto", optimizer_steps=10, seq_len=20, batch_size=16, masked=False,
                                  device="cpu")
     assert "(1 new, 0 cached cell shape(s))" in decision.reason and "kernel" not in decision.reason
+
+
+def test_a_graph_freed_by_the_collector_inside_take_hands_back_without_deadlock(monkeypatch):
+    """Buffers go back when their node is freed, which the cyclic collector may do while take() holds the lock."""
+    ws = ln_lstm_kernel.Workspace()
+
+    class Node:
+        pass
+
+    node = Node()
+    node.cycle = node  # only the collector frees it
+    ws.give_when_freed(node, [torch.empty(3)])
+    del node
+    real_empty = torch.empty
+
+    def empty_collecting(*args: Any, **kwargs: Any) -> torch.Tensor:
+        gc.collect()
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", empty_collecting)
+    worker = threading.Thread(target=lambda: ws.take([(5,)], real_empty(0)), daemon=True)
+    worker.start()
+    worker.join(10)
+    assert not worker.is_alive(), "take() deadlocked on its own lock"
+    assert [len(v) for k, v in ws._free.items() if k[0] == (3,)] == [1], "the collected node's buffer is free"

@@ -140,7 +140,8 @@ class Workspace:
 
     def __init__(self) -> None:
         self._free: dict[tuple[Any, ...], list[Tensor]] = {}
-        self._lock = threading.Lock()
+        # re-entrant: a graph freed by the garbage collector inside take() (a cycle) hands its buffers back then
+        self._lock = threading.RLock()
 
     def take(self, shapes: Sequence[tuple[int, ...]], like: Tensor, fresh_drops_others: bool = True) -> list[Tensor]:
         """Buffers of ``shapes`` (``like``'s dtype and device); a shape the workspace has not seen drops the others."""
