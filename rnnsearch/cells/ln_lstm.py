@@ -80,13 +80,8 @@ class LayerNormLSTMCell(RNNCell):
     def forward_sequence(
         self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
     ) -> tuple[Tensor, State]:
-        runner = self.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
-        if runner is not None and not runner.failed:
-            result = ln_lstm_kernel.forward_sequence(self, x, state, lengths)
-            if result is not None:
-                runner.kernel_calls += 1
-                return result
-        return super().forward_sequence(x, state, lengths)
+        result = ln_lstm_kernel.run_sequence(self, ln_lstm_kernel.forward_sequence, x, state, lengths)
+        return result if result is not None else super().forward_sequence(x, state, lengths)
 
     def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.weight_hh, None

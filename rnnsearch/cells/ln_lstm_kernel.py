@@ -34,7 +34,7 @@ import sysconfig
 import threading
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -230,12 +230,12 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
             and amp is None and _failed is None)
 
 
-def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
-                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+def sequence_inputs(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
+                    applies_here: Callable[..., bool]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """``(h0, c0, valid)`` for a kernel's sequence, or None where it does not run (the checks both kernels share)."""
     batch, steps = x.shape[0], x.shape[1]
     if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-            or not applies(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
+            or not applies_here(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
             or cell.weight_hh.device.type != "cpu"
             or (state is not None and any(s.dtype != torch.float32 or s.device.type != "cpu" for s in state))
             or load() is None):
@@ -243,11 +243,33 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     if state is None:
         state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
     h0, c0 = (s.expand(batch, cell.hidden_size) for s in state)
-    A = torch.nn.functional.linear(x, cell.weight_ih).contiguous()
     if lengths is None:
         valid = torch.empty(0, dtype=torch.bool)
     else:
         valid = step_masks(lengths, steps, torch.device("cpu")).squeeze(2).contiguous()  # (t, b)
+    return h0, c0, valid
+
+
+def run_sequence(cell: Any, kernel_sequence: Callable[..., Any], x: Tensor, state: Optional[tuple[Tensor, ...]],
+                 lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """``kernel_sequence(cell, x, state, lengths)`` where the compiled path is installed (counted), else None."""
+    runner = cell.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
+    if runner is None or runner.failed:
+        return None
+    result = kernel_sequence(cell, x, state, lengths)
+    if result is not None:
+        runner.kernel_calls += 1
+    return result
+
+
+def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
+                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+    inputs = sequence_inputs(cell, x, state, lengths, applies)
+    if inputs is None:
+        return None
+    h0, c0, valid = inputs
+    A = torch.nn.functional.linear(x, cell.weight_ih).contiguous()
     out, hT, cT = LNLSTMSequence.apply(A, h0, c0, cell.weight_hh, cell.ln_ih_weight, cell.ln_hh_weight, cell.bias,
                                        cell.ln_c_weight, cell.ln_c_bias, valid, cell.forget_bias, cell.eps)
     return out, (hT, cT)

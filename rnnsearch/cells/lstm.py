@@ -28,7 +28,7 @@ from torch.nn.functional import linear
 
 from rnnsearch.errors import ConfigError, check_bool, check_number, check_positive_int, check_positive_number
 
-from . import lstm_kernel
+from . import ln_lstm_kernel, lstm_kernel
 from .base import RNNCell, State
 from .functional import activation as get_activation
 from .functional import clip, init_uniform_
@@ -121,13 +121,8 @@ class LSTMCell(RNNCell):
     def forward_sequence(
         self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
     ) -> tuple[Tensor, State]:
-        runner = self.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
-        if runner is not None and not runner.failed:
-            result = lstm_kernel.forward_sequence(self, x, state, lengths)
-            if result is not None:
-                runner.kernel_calls += 1
-                return result
-        return super().forward_sequence(x, state, lengths)
+        result = ln_lstm_kernel.run_sequence(self, lstm_kernel.forward_sequence, x, state, lengths)
+        return result if result is not None else super().forward_sequence(x, state, lengths)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh, self.bias_hh)

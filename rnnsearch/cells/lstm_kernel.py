@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import ln_lstm_kernel
-from .base import _owner, step_masks
+from .base import _owner
 from .ln_lstm_kernel import Workspace
 
 #: The step methods the kernel reproduces: a subclass redefining any of them runs the generic path.
@@ -90,21 +90,11 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
                      lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
     """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
-    batch, steps = x.shape[0], x.shape[1]
-    if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
-            or not applies(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
-            or cell.weight_hh.device.type != "cpu"
-            or (state is not None and any(s.dtype != torch.float32 or s.device.type != "cpu" for s in state))
-            or ln_lstm_kernel.load() is None):
+    inputs = ln_lstm_kernel.sequence_inputs(cell, x, state, lengths, applies)
+    if inputs is None:
         return None
-    if state is None:
-        state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
-    h0, c0 = (s.expand(batch, cell.hidden_size) for s in state)
+    h0, c0, valid = inputs
     XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
-    if lengths is None:
-        valid = torch.empty(0, dtype=torch.bool)
-    else:
-        valid = step_masks(lengths, steps, torch.device("cpu")).squeeze(2).contiguous()  # (t, b)
     none = x.new_empty(0)
     peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.use_peepholes else (none, none, none)
     out, hT, cT = LSTMSequence.apply(XP, h0, c0, cell.weight_hh, *peep, valid, cell.forget_bias,
