@@ -403,15 +403,14 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         device: the training device.
         amp: the autocast dtype, or None.
     """
-    from rnnsearch.cells import ln_lstm_kernel, lstm_kernel
+    from rnnsearch.cells import ln_lstm_kernel
 
     dev = torch.device(device).type
     cells = step_cells(model)
     seen: set[str] = set()
     new = cached = kernels = 0
     for cell in cells:
-        if any(k.applies(cell, dev, cell_dtype(cell), amp, seq_len)  # a fused CPU kernel, not inductor's graphs
-               for k in (ln_lstm_kernel, lstm_kernel)):
+        if cell.kernel_applies(dev, cell_dtype(cell), amp, seq_len):  # a fused CPU kernel, not inductor's graphs
             kernels += 1
             continue
         deferred = cell.batched_weights(seq_len) is not None

@@ -152,6 +152,20 @@ class RNNCell(nn.Module):
         """
         raise NotImplementedError(f"{type(self).__name__} does not implement recur_deferred()")
 
+    # Optional, for speed: a cell (or a wrapper) with a hand-written kernel for a whole training sequence. Where
+    # the compiled path is installed (``sequence_runner``, rnnsearch.compile), ``forward_sequence`` runs
+    # ``kernel_sequence`` when ``kernel_applies`` says so, and the step loop where it returns None.
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        """Whether grad-enabled training sequences of ``steps`` steps (``dtype``, autocast ``amp``) would run a kernel."""
+        return False
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        """``forward_sequence``'s result through a hand-written kernel, or None where it does not run here.
+
+        Called by ``forward_sequence`` after ``start_sequence``, where ``kernel_applies`` holds.
+        """
+        return None
+
     def batched_weights(self, steps: int) -> Optional[tuple[Tensor, Optional[Tensor]]]:
         """``(W, b)`` when a training sequence of ``steps`` steps takes the batched route now, else None."""
         # a subclass that redefines recur, or what recur_deferred relies on, gets the plain loop
@@ -179,8 +193,16 @@ class RNNCell(nn.Module):
         self.start_sequence(batch, x.device, x.dtype)
         if steps == 0:
             return x.new_zeros(batch, 0, self.output_size), state
-        batched = self.batched_weights(steps)
         runner = self.__dict__.get("sequence_runner")  # a compiled loop (rnnsearch.compile), if installed
+        if runner is not None and not runner.failed and torch.is_grad_enabled():
+            dev = x.device.type
+            amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+            if self.kernel_applies(dev, x.dtype, amp, steps):  # a hand-written kernel instead of the loop
+                result = self.kernel_sequence(x, state, lengths)
+                if result is not None:
+                    runner.kernel_calls += 1
+                    return result
+        batched = self.batched_weights(steps)
         holder = slot = None
         if batched is not None:
             holder = Holder()

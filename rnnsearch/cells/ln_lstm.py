@@ -77,11 +77,11 @@ class LayerNormLSTMCell(RNNCell):
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh, None)
 
-    def forward_sequence(
-        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
-    ) -> tuple[Tensor, State]:
-        result = ln_lstm_kernel.run_sequence(self, ln_lstm_kernel.forward_sequence, x, state, lengths)
-        return result if result is not None else super().forward_sequence(x, state, lengths)
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        return ln_lstm_kernel.applies(self, device_type, dtype, amp, steps)
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        return ln_lstm_kernel.forward_sequence(self, x, state, lengths)
 
     def recurrent_weights(self) -> tuple[Tensor, Optional[Tensor]]:
         return self.weight_hh, None

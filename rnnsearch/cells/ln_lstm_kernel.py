@@ -250,18 +250,6 @@ def sequence_inputs(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], l
     return h0, c0, valid
 
 
-def run_sequence(cell: Any, kernel_sequence: Callable[..., Any], x: Tensor, state: Optional[tuple[Tensor, ...]],
-                 lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """``kernel_sequence(cell, x, state, lengths)`` where the compiled path is installed (counted), else None."""
-    runner = cell.__dict__.get("sequence_runner")  # installed where the compiled path runs (rnnsearch.compile)
-    if runner is None or runner.failed:
-        return None
-    result = kernel_sequence(cell, x, state, lengths)
-    if result is not None:
-        runner.kernel_calls += 1
-    return result
-
-
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
                      lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
     """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""

@@ -28,7 +28,7 @@ from torch.nn.functional import linear
 
 from rnnsearch.errors import ConfigError, check_bool, check_number, check_positive_int, check_positive_number
 
-from . import ln_lstm_kernel, lstm_kernel
+from . import lstm_kernel
 from .base import RNNCell, State
 from .functional import activation as get_activation
 from .functional import clip, init_uniform_
@@ -118,11 +118,11 @@ class LSTMCell(RNNCell):
     def project_input(self, x: Tensor) -> Tensor:
         return linear(x, self.weight_ih, self.bias_ih)  # (..., 4h)
 
-    def forward_sequence(
-        self, x: Tensor, state: Optional[State] = None, lengths: Optional[Tensor] = None
-    ) -> tuple[Tensor, State]:
-        result = ln_lstm_kernel.run_sequence(self, lstm_kernel.forward_sequence, x, state, lengths)
-        return result if result is not None else super().forward_sequence(x, state, lengths)
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        return lstm_kernel.applies(self, device_type, dtype, amp, steps)
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        return lstm_kernel.forward_sequence(self, x, state, lengths)
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self._step(xp_t, state, self.weight_hh, self.bias_hh)

@@ -6,6 +6,12 @@ next wraps that). They keep the inner cell's hoisted input projection, so a
 wrapped cell stays as fast as a bare one. Semantics follow TF 1.x
 ``rnn_cell_impl.py`` (DropoutWrapper, ResidualWrapper, DeviceWrapper) and
 Krueger et al. 2016 for zoneout. Each is identity-free of randomness at eval.
+
+A wrapper that acts on a sequence's inputs and outputs only (``dropout`` without state dropout,
+``residual``, ``device``) also runs a whole training sequence through the wrapped cell's fused kernel
+(``kernel_sequence``) where that cell has one, applying itself before and after; ``zoneout`` and state
+dropout act inside the recurrence, so they run the step loop. A subclass that redefines a step method
+(``project_input``, ``recur``, ``start_sequence``) runs the step loop too.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from torch import Tensor
 from rnnsearch.errors import ConfigError, check_bool, check_keep_prob
 from rnnsearch.registry import Registry, check_options
 
-from .base import RNNCell, State
+from .base import RNNCell, State, _owner, step_masks
 
 WRAPPERS: Registry[type["CellWrapper"]] = Registry(
     "wrapper", entry_point_group="rnnsearch.wrappers",
@@ -84,6 +90,17 @@ class CellWrapper(RNNCell):
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self.cell.recur(xp_t, state)
 
+    def acts_outside_recurrence(self) -> bool:
+        """Whether the wrapper now acts on a sequence's inputs and outputs only (then ``kernel_sequence`` may run)."""
+        return False
+
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        # only a wrapper class that writes its own kernel_sequence, with the step methods it was written for
+        cls, owner = type(self), _owner(type(self), "kernel_sequence")
+        return (owner is not CellWrapper and self.acts_outside_recurrence()
+                and all(_owner(cls, m) is _owner(owner, m) for m in ("project_input", "recur", "start_sequence"))
+                and self.cell.kernel_applies(device_type, dtype, amp, steps))
+
 
 def _mask(shape: tuple[int, ...], keep: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Inverted-dropout mask: 1/keep with probability keep, else 0."""
@@ -147,6 +164,16 @@ class DropoutWrapper(CellWrapper):
     def project_input(self, x: Tensor) -> Tensor:
         return self.cell.project_input(self._drop("input", x, self.input_keep_prob))
 
+    def acts_outside_recurrence(self) -> bool:
+        return self.state_keep_prob >= 1.0 or not self.training
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        # the step loop's draws, on the whole sequence: dropout's masks are independent per step and unit anyway
+        result = self.cell.kernel_sequence(self._drop("input", x, self.input_keep_prob), state, lengths)
+        if result is None:
+            return None
+        return self._drop("output", result[0], self.output_keep_prob), result[1]  # padding stays zero
+
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         out, new_state = self.cell.recur(xp_t, state)
         if self.state_keep_prob < 1.0:
@@ -179,6 +206,18 @@ class ResidualWrapper(CellWrapper):
         inner, x_t = xp_t[:, : -self.input_size], xp_t[:, -self.input_size :]
         out, new_state = self.cell.recur(inner, state)
         return x_t + out, new_state
+
+    def acts_outside_recurrence(self) -> bool:
+        return True
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        result = self.cell.kernel_sequence(x, state, lengths)
+        if result is None:
+            return None
+        out = x + result[0]
+        if lengths is not None:  # as the step loop: padding outputs zero, a select (NaN padding stays out)
+            out = out.masked_fill(~step_masks(lengths, x.shape[1], out.device).transpose(0, 1), 0.0)
+        return out, result[1]
 
 
 @register_wrapper("device")
@@ -233,6 +272,15 @@ class DeviceWrapper(CellWrapper):
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         return self.cell.recur(xp_t, tuple(s.to(self.device) for s in state))
+
+    def acts_outside_recurrence(self) -> bool:
+        return True
+
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        return super().kernel_applies(self.device.type, dtype, amp, steps)  # the cell runs on its own device
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        return self.cell.kernel_sequence(x.to(self.device), tuple(s.to(self.device) for s in state), lengths)
 
 
 @register_wrapper("zoneout")

@@ -1,0 +1,182 @@
+"""Wrapped cells run their cell's fused kernel where the wrapper acts outside the recurrence (correctness only).
+
+``residual``, ``device`` and ``dropout`` without state dropout act on a sequence's inputs and outputs only:
+a whole training sequence then runs through the wrapped ``lstm``'s (or ``ln_lstm``'s) kernel, the wrapper
+applied before and after. The result is the step loop's (the same masks, where masks are drawn per
+sequence; the same distribution where they are drawn per step). Zoneout, state dropout, a wrapper subclass
+that changes a step, and a cell without a kernel keep the step loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Optional
+
+import pytest
+import torch
+
+from conftest import TINY, assert_close, compose_config
+from rnnsearch import build_model, create_wrapper, train
+from rnnsearch import compile as compiling
+from rnnsearch.callbacks import Callback
+from rnnsearch.cells import create_cell
+from rnnsearch.cells.base import RNNCell
+from rnnsearch.cells.wrappers import DropoutWrapper
+from rnnsearch.compile import ChunkRunner
+
+B, T, H = 5, 23, 16
+LENGTHS = torch.tensor([23, 4, 17, 1, 22])
+
+
+@pytest.fixture(autouse=True)
+def eager_compile(monkeypatch):
+    """torch.compile returns the function itself: the generic 'compiled' path runs eagerly, fast."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
+
+
+def _wrapped(wrappers: list[dict[str, Any]], cell: str = "lstm", **options: Any) -> RNNCell:
+    torch.manual_seed(0)
+    wrapped = create_cell(cell, input_size=H, hidden_size=H, **options)
+    for spec in wrappers:
+        spec = dict(spec)
+        wrapped = create_wrapper(spec.pop("name"), wrapped, **spec)
+    return wrapped
+
+
+def _run(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], seed: int = 3):
+    """Outputs, final state and the gradients of a loss on them (the RNG seeded alike for both routes)."""
+    x = x.clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out, (h, c) = cell.forward_sequence(x, None, lengths)
+    w = torch.linspace(-1, 1, out.numel()).view_as(out)
+    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+
+
+def _both(wrappers: list[dict[str, Any]], lengths: Optional[torch.Tensor], cell: str = "lstm", **options: Any):
+    """(step loop, kernel route, the kernel route's runner) for the same weights, input and seed."""
+    x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+    loop = _wrapped(wrappers, cell, **options)
+    fused = copy.deepcopy(loop)
+    fused.sequence_runner = ChunkRunner(4)
+    return _run(loop, x, lengths), _run(fused, x, lengths), fused.sequence_runner
+
+
+def _assert_same(a: tuple, b: tuple, tol: float = 2e-5) -> None:
+    for i, what in enumerate(("outputs", "final h", "final c")):
+        assert_close(b[i], a[i], tol, what)
+    for name, grad in a[3].items():
+        scale = max(1.0, grad.abs().max().item())
+        assert_close(b[3][name] / scale, grad / scale, tol, f"grad {name}")
+
+
+@pytest.mark.parametrize("wrappers,lengths", [
+    ([{"name": "residual"}], LENGTHS),
+    ([{"name": "device", "device": "cpu"}], None),
+    ([{"name": "dropout", "input_keep_prob": 0.7, "output_keep_prob": 0.6, "variational_recurrent": True}], LENGTHS),
+    ([{"name": "residual"}, {"name": "dropout", "input_keep_prob": 0.8, "output_keep_prob": 0.5,
+                             "variational_recurrent": True}, {"name": "device", "device": "cpu"}], LENGTHS),
+], ids=["residual", "device", "variational-dropout", "residual-dropout-device"])
+def test_a_wrapped_cell_runs_the_kernel_and_matches_the_step_loop(wrappers, lengths):
+    """Per-sequence masks are drawn in start_sequence by both routes, so the results agree to float32 rounding."""
+    loop, fused, runner = _both(wrappers, lengths, use_peepholes=True)
+    assert runner.kernel_calls == 1 and runner.compiled_calls == 0, "the kernel ran, not the loop"
+    _assert_same(loop, fused)
+    if lengths is not None:
+        assert (fused[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros, the residual included"
+    if any(w["name"] == "dropout" for w in wrappers):
+        assert (fused[0][lengths > 1][:, :1] == 0).any(), "the masks dropped something"
+
+
+def test_ln_lstm_under_dropout_runs_its_kernel():
+    loop, fused, runner = _both([{"name": "dropout", "output_keep_prob": 0.6, "variational_recurrent": True}],
+                                LENGTHS, cell="ln_lstm")
+    assert runner.kernel_calls == 1
+    _assert_same(loop, fused)
+
+
+def test_per_step_dropout_on_the_kernel_route_drops_each_step_and_unit_independently():
+    """Per-step masks: the kernel route draws them for the whole sequence at once, with the loop's distribution."""
+    keep, batch, steps = 0.6, 64, 50
+    torch.manual_seed(0)
+    bare = create_cell("lstm", input_size=H, hidden_size=H)
+    wrapped = create_wrapper("dropout", copy.deepcopy(bare), output_keep_prob=keep)
+    wrapped.sequence_runner = ChunkRunner(4)
+    x = torch.randn(batch, steps, H)
+    out = wrapped.forward_sequence(x)[0]
+    assert wrapped.sequence_runner.kernel_calls == 1
+    undropped = bare.forward_sequence(x)[0].detach()
+    kept = out.detach() != 0
+    assert_close(out.detach()[kept], undropped[kept] / keep, 1e-5, "kept units scaled by 1/keep")
+    rate = kept.float().mean().item()
+    assert abs(rate - keep) < 0.02, f"kept {rate:.3f} of the units, expected {keep}"  # n=51,200: 5 sigma ~0.011
+    assert not torch.equal(kept[:, 0], kept[:, 1]), "a new mask every step, as the loop draws"
+
+
+class DoubledDropout(DropoutWrapper):
+    def recur(self, xp_t, state):  # noqa: ANN001 - a user's change to the step
+        out, new_state = super().recur(xp_t, state)
+        return 2 * out, new_state
+
+
+@pytest.mark.parametrize("case", ["zoneout", "state-dropout", "subclass", "gru"])
+def test_wrappers_that_act_inside_the_recurrence_keep_the_step_loop(case):
+    wrappers = {"zoneout": [{"name": "zoneout"}], "state-dropout": [{"name": "dropout", "state_keep_prob": 0.8}],
+                "subclass": [], "gru": [{"name": "dropout", "output_keep_prob": 0.8}]}[case]
+    cell = _wrapped(wrappers, "gru" if case == "gru" else "lstm")
+    if case == "subclass":
+        cell = DoubledDropout(cell)
+    cell.sequence_runner = ChunkRunner(4)
+    assert not cell.kernel_applies("cpu", torch.float32, None, T)
+    loop = copy.deepcopy(cell)
+    del loop.sequence_runner
+    x = torch.randn(B, T, H)
+    torch.manual_seed(1)
+    out = cell.forward_sequence(x)[0]
+    torch.manual_seed(1)
+    expected = loop.forward_sequence(x)[0]
+    assert cell.sequence_runner.kernel_calls == 0 and cell.sequence_runner.compiled_calls > 0
+    assert_close(out, expected, 1e-6, "the compiled step loop's result")
+
+
+def test_no_grad_runs_the_step_loop_and_dropout_is_the_identity_at_eval():
+    cell = _wrapped([{"name": "dropout", "output_keep_prob": 0.5}])
+    bare = copy.deepcopy(cell.cell)
+    cell.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, H)
+    with torch.no_grad():
+        cell.forward_sequence(x)
+    assert cell.sequence_runner.kernel_calls == 0, "the kernel trains; a no-grad pass runs the loop"
+    cell.eval()
+    out = cell.forward_sequence(x)[0]
+    assert cell.sequence_runner.kernel_calls == 1, "eval with grad: the kernel, with the wrapper the identity"
+    assert_close(out.detach(), bare.forward_sequence(x)[0].detach(), 1e-5, "no dropout at eval")
+
+
+def test_a_dropout_stack_runs_every_layer_through_the_kernel_and_prepare_counts_them():
+    torch.manual_seed(0)
+    model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never",
+             "wrappers": [{"name": "dropout", "input_keep_prob": 0.9, "output_keep_prob": 0.8}]}
+    cells = build_model({"cell": {"name": "lstm"}, "model": model}, H, 3)
+    decision = compiling.prepare(cells, "true", optimizer_steps=10, seq_len=T, batch_size=B, masked=True,
+                                 device="cpu")
+    assert "4 cell(s) run a fused CPU kernel" in decision.reason
+    out = cells(torch.randn(B, T, H), LENGTHS)
+    out.sum().backward()
+    assert [c.sequence_runner.kernel_calls for c in compiling.step_cells(cells)] == [1, 1, 1, 1]
+
+
+def test_training_a_peephole_lstm_under_variational_dropout_with_compile_true_runs_the_kernel():
+    class Seen(Callback):
+        def on_train_begin(self, info: dict[str, Any]) -> None:
+            self.info = info
+
+    seen = Seen()
+    result = train(compose_config([*TINY, "cell=lstm", "cell.use_peepholes=true", "model.compile=true",
+                                   "model.wrappers=[{name: dropout, variational_recurrent: true, "
+                                   "output_keep_prob: 0.8}]", "task.train_size=96", "train.batch_size=32",
+                                   "train.epochs=2", "task.seq_len=12"]), callbacks=[seen])
+    runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
+    assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
+    assert result["test/mse"] == result["test/mse"]  # finite, not NaN
