@@ -2,8 +2,9 @@
 
 Against the generic cell-by-cell path in float64: outputs, final states and every gradient, with
 peepholes, a cell clip that bites, forget biases, lengths, a given initial state, both directions. Where
-the kernel must not run (projection, a Greff variant, another activation, a subclass, float64, autocast,
-no grad, the switch off), it does not. The kernel shares its extension with ``ln_lstm``'s; the first test
+the kernel must not run (projection, the FGR variant, another activation, a subclass, float64, autocast,
+no grad, the switch off), it does not. Greff et al.'s variants (all but FGR) run their own instantiations,
+checked the same way. The kernel shares its extension with ``ln_lstm``'s; the first test
 to load it builds it (about a minute) into the shared cache.
 """
 
@@ -67,7 +68,17 @@ def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_
     ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS, False),
     ({"cell_clip": 0.5, "forget_bias": 0.0}, None, True),
     ({"hidden": 13, "use_peepholes": True}, LENGTHS, True),  # not a multiple of the vector width: the scalar tails
-], ids=["defaults", "peepholes-lengths-state", "peepholes-clip", "clip-no-forget-bias", "hidden-13"])
+    # Greff et al.'s variants (all but FGR), with peepholes as in the paper
+    ({"variant": "NIG", "use_peepholes": True}, LENGTHS, True),
+    ({"variant": "NFG", "use_peepholes": True, "cell_clip": 0.5}, None, False),
+    ({"variant": "NOG", "use_peepholes": True}, LENGTHS, False),
+    ({"variant": "NIAF", "use_peepholes": True, "forget_bias": 0.3}, None, True),
+    ({"variant": "NOAF", "use_peepholes": True, "hidden": 13}, LENGTHS, True),
+    ({"variant": "NP"}, LENGTHS, False),
+    ({"variant": "CIFG", "use_peepholes": True}, LENGTHS, True),
+    ({"variant": "CIFG", "cell_clip": 0.5}, None, False),
+], ids=["defaults", "peepholes-lengths-state", "peepholes-clip", "clip-no-forget-bias", "hidden-13", "NIG",
+        "NFG-clip", "NOG", "NIAF", "NOAF-hidden-13", "NP", "CIFG", "CIFG-clip"])
 def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
     """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
     x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
@@ -125,7 +136,7 @@ class ChangedStep(LSTMCell):
 @pytest.mark.parametrize("case", ["projection", "variant", "activation", "subclass", "float64", "no-grad",
                                   "autocast", "switched-off", "per-step-grad", "learned-forget-bias"])
 def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compile, monkeypatch):
-    options = {"projection": {"num_proj": 8}, "variant": {"variant": "CIFG"},
+    options = {"projection": {"num_proj": 8}, "variant": {"variant": "FGR", "use_peepholes": True},
                "activation": {"activation": "relu"}}.get(case, {})
     cell = ChangedStep(IN, H) if case == "subclass" else _cell(**options)
     if case == "float64":

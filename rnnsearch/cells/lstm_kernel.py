@@ -9,8 +9,9 @@ one GEMM after the loop. It is part of the same extension (one build per machine
 
 It runs where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of the registry's own ``lstm`` (a subclass that
-redefines a step method gets the generic path) in its ``vanilla`` variant, with ``tanh``, without
-projection (``num_proj``; peepholes, ``cell_clip`` and any ``forget_bias`` are in), with
+redefines a step method gets the generic path) in any variant but ``FGR`` (vanilla, NP and Greff et al.'s
+six other variants, each its own instantiation of the kernel), with ``tanh``, without projection
+(``num_proj``; peepholes, ``cell_clip`` and any ``forget_bias`` are in), with
 ``batched_weight_grad`` on and ``weight_hh`` trained. Anything else, a failed build, or
 ``ln_lstm_kernel.ENABLED = False`` (the switch for both kernels) runs the generic path.
 """
@@ -31,6 +32,10 @@ from .ln_lstm_kernel import Workspace
 STEP_METHODS = ("project_input", "recur", "recur_deferred", "_step", "forward_sequence", "zero_state",
                 "start_sequence")
 
+#: The variants the kernel computes, by the number csrc/lstm.h knows them by (NP is vanilla without peepholes;
+#: FGR, whose gates see the previous gates, runs the generic path).
+VARIANTS = {"vanilla": 0, "NP": 0, "NIG": 1, "NFG": 2, "NOG": 3, "NIAF": 4, "NOAF": 5, "CIFG": 6}
+
 WORKSPACE = Workspace()  # its own: a model with ln_lstm and lstm layers keeps both kernels' buffers
 
 
@@ -44,15 +49,16 @@ class LSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, w_ci: Tensor, w_cf: Tensor,
-                w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float) -> tuple[Tensor, Tensor, Tensor]:
+                w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float, variant: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
-        B, T, G = XP.shape
-        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), XP)
+        B, T, _ = XP.shape
+        bufs = WORKSPACE.take(_saved_shapes(B, T, h0.shape[1]), XP)
         W_hh, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, w_ci, w_cf, w_co))
         out, hT, cT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
-                                       float(forget_bias), float(cell_clip), *bufs)
+                                       float(forget_bias), float(cell_clip), int(variant), *bufs)
         ctx.save_for_backward(W_hh, w_ci, w_cf, w_co, valid, *bufs)
-        ctx.cell_clip = float(cell_clip)
+        ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
         WORKSPACE.give_when_freed(ctx, bufs)
         return out, hT, cT
 
@@ -60,14 +66,13 @@ class LSTMSequence(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
         W_hh, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
-        T, B, H = bufs[0].shape
-        (dR,) = WORKSPACE.take([(T, B, 4 * H)], W_hh, fresh_drops_others=False)  # a work buffer: back right after
+        T, B, _ = bufs[0].shape
+        (dR,) = WORKSPACE.take([(T, B, W_hh.shape[0])], W_hh, fresh_drops_others=False)  # work buffer: back after
         dXP, dh0, dc0, dW, dci, dcf, dco = ln_lstm_kernel.load().lstm_backward(
-            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, *bufs, valid, dR)
+            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, *bufs, valid, dR)
         WORKSPACE.give([dR])
-        peep = w_ci.numel() > 0
-        return (dXP, dh0, dc0, dW, dci if peep else None, dcf if peep else None, dco if peep else None,
-                None, None, None)
+        peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
+        return (dXP, dh0, dc0, dW, *peep, None, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -82,7 +87,7 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
 
     return (ln_lstm_kernel.ENABLED and isinstance(cell, LSTMCell) and _unchanged(cell)
             and all(isinstance(v, (int, float)) for v in (cell.forget_bias, cell.cell_clip or 0.0))  # not tensors
-            and cell.variant == "vanilla" and cell.activation == "tanh" and cell.num_proj is None
+            and cell.variant in VARIANTS and cell.activation == "tanh" and cell.num_proj is None
             and cell.batched_weight_grad and cell.weight_hh.requires_grad and steps >= 2 and device_type == "cpu"
             and dtype == torch.float32 and amp is None and ln_lstm_kernel._failed is None)
 
@@ -96,7 +101,7 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     h0, c0, valid = inputs
     XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
     none = x.new_empty(0)
-    peep = (cell.weight_ci, cell.weight_cf, cell.weight_co) if cell.use_peepholes else (none, none, none)
+    peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     out, hT, cT = LSTMSequence.apply(XP, h0, c0, cell.weight_hh, *peep, valid, cell.forget_bias,
-                                     cell.cell_clip or 0.0)
+                                     cell.cell_clip or 0.0, VARIANTS[cell.variant])
     return out, (hT, cT)

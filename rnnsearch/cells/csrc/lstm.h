@@ -1,11 +1,15 @@
 // Fused LSTM sequence for the CPU (the registry's `lstm`: TF's LSTMCell without projection, peepholes and
-// cell clip optional, tanh activation): forward and backward over a whole sequence, float32.
+// cell clip optional, tanh activation, and Greff et al.'s variants but FGR): forward and backward over a whole
+// sequence, float32.
 //
 // The same scheme as ln_lstm.cpp, whose translation unit includes this file: the recurrent GEMMs split by
 // columns over the threads (gemm_cols), everything between two GEMMs one vectorised pass per batch row, the
 // peepholes' gradients accumulated per thread, the recurrent weight's gradient one GEMM after the loop.
+// Each variant is its own instantiation (Spec<V>), so the vanilla cell pays nothing for the others.
 // Built and loaded by rnnsearch.cells.ln_lstm_kernel, used by rnnsearch.cells.lstm_kernel.
 #pragma once
+#include <type_traits>
+
 #include "common.h"
 
 namespace {
@@ -15,95 +19,135 @@ inline float clip_to(float x, float c) { return std::min(std::max(x, -c), c); }
 // g where the clip left x alone (|x| < c), else 0: the clip's gradient, read off its output.
 inline Vec where_unclipped(const Vec& g, const Vec& x, float c) { return Vec::blendv(Vec(0.f), g, x.abs() < Vec(c)); }
 inline float where_unclipped(float g, float x, float c) { return std::abs(x) < c ? g : 0.f; }
+
+// The variants, numbered as rnnsearch.cells.lstm_kernel.VARIANTS: 0 vanilla (and NP), 1 NIG (i = 1),
+// 2 NFG (f = 1), 3 NOG (o = 1), 4 NIAF (g not squashed), 5 NOAF (h = o c), 6 CIFG (f = 1 - i).
+constexpr int kVariants = 7;
+template <int V> struct Spec {
+  static constexpr bool has_i = V != 1, has_f = V != 2 && V != 6, has_o = V != 3;
+  static constexpr bool coupled = V == 6, act_g = V != 4, act_c = V != 5;
+  static constexpr int gates = 1 + has_i + has_f + has_o;  // blocks of H columns in XP and W_hh, in order i f g o
+  static constexpr int oi = 0, of = has_i, og = has_i + has_f, oo = og + 1;  // their column blocks
+};
+
+// Calls f(std::integral_constant<int, V>) for the runtime variant v.
+template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
+  if constexpr (V < kVariants) {
+    if (v == V) return f(std::integral_constant<int, V>{});
+    with_variant<F, V + 1>(v, std::forward<F>(f));
+  } else {
+    TORCH_CHECK(false, "lstm kernel: unknown variant ", v);
+  }
+}
 }  // namespace
 
-// XP (B, T, 4H): x W_ih^T + b_ih + b_hh; h0, c0 (B, H); W_hh (4H, H); w_ci, w_cf, w_co (H) or empty (no
-// peepholes); valid (T, B) bool or empty; cell_clip <= 0: none. Fills the saved tensors (Hprev (T, B, H):
-// h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H): i, f, g, o; Tc (T, B, H): tanh of the
-// new cell) and returns out (B, T, H), hT, cT.
+// XP (B, T, nH): x W_ih^T + b_ih + b_hh, n the variant's gate blocks; h0, c0 (B, H); W_hh (nH, H); w_ci,
+// w_cf, w_co (H) or empty (no peepholes, or no such gate); valid (T, B) bool or empty; cell_clip <= 0: none.
+// Fills the saved tensors (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
+// i, f, g, o, a dropped gate's constant included; Tc (T, B, H): tanh of the new cell, or the cell under NOAF)
+// and returns out (B, T, H), hT, cT.
 std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                      const at::Tensor& w_co, const at::Tensor& valid, double forget_bias,
-                                     double cell_clip, const at::Tensor& Hprev, const at::Tensor& Cprev,
-                                     const at::Tensor& Acts, const at::Tensor& Tc) {
+                                     double cell_clip, int64_t variant, const at::Tensor& Hprev,
+                                     const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc) {
   for (auto* p : {&XP, &h0, &c0, &W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
-  const bool peep = w_ci.numel() > 0;
-  if (peep)
-    for (auto* p : {&w_ci, &w_cf, &w_co}) check(*p, "a peephole weight");
-  const int64_t B = XP.size(0), T = XP.size(1), G = XP.size(2), H = G / 4;
+  for (auto* p : {&w_ci, &w_cf, &w_co})
+    if (p->numel() > 0) check(*p, "a peephole weight");
+  const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
+  const int64_t B = XP.size(0), T = XP.size(1), G = XP.size(2), H = Hprev.size(2);
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float fb = static_cast<float>(forget_bias), cc = static_cast<float>(cell_clip);
   auto opts = XP.options();
   at::Tensor out = at::empty({B, T, H}, opts);
   at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
-  at::Tensor W_t = W_hh.t().contiguous();  // (H, 4H)
+  at::Tensor W_t = W_hh.t().contiguous();  // (H, nH)
   Hprev[0].copy_(h0);
   Cprev[0].copy_(c0);
   const float* xp_p = XP.data_ptr<float>();
-  const float *wci = peep ? w_ci.data_ptr<float>() : nullptr, *wcf = peep ? w_cf.data_ptr<float>() : nullptr,
-              *wco = peep ? w_co.data_ptr<float>() : nullptr;
+  const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
+              *wco = po ? w_co.data_ptr<float>() : nullptr;
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(),
         *tc_all = Tc.data_ptr<float>(), *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    gemm_cols(h_all + t * B * H, W_t.data_ptr<float>(), r_p, B, H, G);
-    float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
-    float* cn = c_all + (t + 1) * B * H;
-    const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
-    float *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b) {
-        float* o = op + (b * T + t) * H;
-        if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
-          std::copy(hp + b * H, hp + (b + 1) * H, hn + b * H);
-          std::copy(cp + b * H, cp + (b + 1) * H, cn + b * H);
-          std::fill(o, o + H, 0.f);
-          continue;
-        }
-        const float *xp = xp_p + (b * T + t) * G, *r = r_p + b * G, *c = cp + b * H;
-        float *acb = ac + b * G, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
-        lanes(H, [&](auto* tag, int64_t k) {
-          using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp pre[4];
-          for (int j = 0; j < 4; ++j) pre[j] = ld(xp + j * H + k, tag) + ld(r + j * H + k, tag);
-          Tp cprev = ld(c + k, tag);
-          if (peep) {
-            pre[0] = pre[0] + ld(wci + k, tag) * cprev;
-            pre[1] = pre[1] + ld(wcf + k, tag) * cprev;
+  with_variant(variant, [&](auto vc) {
+    using S = Spec<decltype(vc)::value>;
+    TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " projected input columns for ", S::gates, " gates of ", H);
+    for (int64_t t = 0; t < T; ++t) {
+      gemm_cols(h_all + t * B * H, W_t.data_ptr<float>(), r_p, B, H, G);
+      float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
+      float* cn = c_all + (t + 1) * B * H;
+      const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
+      float *ac = ac_all + t * B * 4 * H, *tcp = tc_all + t * B * H;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          float* o = op + (b * T + t) * H;
+          if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
+            std::copy(hp + b * H, hp + (b + 1) * H, hn + b * H);
+            std::copy(cp + b * H, cp + (b + 1) * H, cn + b * H);
+            std::fill(o, o + H, 0.f);
+            continue;
           }
-          Tp si = sigm(pre[0]), sf = sigm(pre[1] + Tp(fb)), tg = tanh_e(pre[2]);
-          Tp cnew = sf * cprev + si * tg;
-          if (clipped) cnew = clip_to(cnew, cc);
-          if (peep) pre[3] = pre[3] + ld(wco + k, tag) * cnew;
-          Tp so = sigm(pre[3]), tc = tanh_e(cnew), h = so * tc;
-          st(acb + k, si);
-          st(acb + H + k, sf);
-          st(acb + 2 * H + k, tg);
-          st(acb + 3 * H + k, so);
-          st(cnb + k, cnew);
-          st(tcb + k, tc);
-          st(hnb + k, h);
-          st(o + k, h);
-        });
-      }
-    });
-  }
+          const float *xp = xp_p + (b * T + t) * G, *r = r_p + b * G, *c = cp + b * H;
+          float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
+          lanes(H, [&](auto* tag, int64_t k) {
+            using Tp = std::remove_pointer_t<decltype(tag)>;
+            auto pre = [&](int block) { return ld(xp + block * H + k, tag) + ld(r + block * H + k, tag); };
+            Tp cprev = ld(c + k, tag), si(1.f), sf(1.f), so(1.f);
+            if constexpr (S::has_i) {
+              Tp p = pre(S::oi);
+              if (pi) p = p + ld(wci + k, tag) * cprev;
+              si = sigm(p);
+            }
+            if constexpr (S::has_f) {
+              Tp p = pre(S::of);
+              if (pf) p = p + ld(wcf + k, tag) * cprev;
+              sf = sigm(p + Tp(fb));
+            } else if constexpr (S::coupled) {
+              sf = Tp(1.f) - si;
+            }
+            Tp tg = pre(S::og);
+            if constexpr (S::act_g) tg = tanh_e(tg);
+            Tp cnew = sf * cprev + si * tg;
+            if (clipped) cnew = clip_to(cnew, cc);
+            if constexpr (S::has_o) {
+              Tp p = pre(S::oo);
+              if (po) p = p + ld(wco + k, tag) * cnew;
+              so = sigm(p);
+            }
+            Tp tc = cnew;
+            if constexpr (S::act_c) tc = tanh_e(cnew);
+            Tp h = so * tc;
+            st(acb + k, si);
+            st(acb + H + k, sf);
+            st(acb + 2 * H + k, tg);
+            st(acb + 3 * H + k, so);
+            st(cnb + k, cnew);
+            st(tcb + k, tc);
+            st(hnb + k, h);
+            st(o + k, h);
+          });
+        }
+      });
+    }
+  });
   return {out, hT, Cprev[T].clone()};
 }
 
-// Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dw_ci, dw_cf, dw_co (the last three empty without
-// peepholes). dR (T, B, 4H) is a work buffer; the saved tensors are left as they were. Where the cell clip
-// held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at exactly ±cell_clip unclipped).
+// Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dw_ci, dw_cf, dw_co (each peephole's gradient is
+// zeros where forward had no such weight). dR (T, B, nH) is a work buffer; the saved tensors are left as they
+// were. Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
+// exactly ±cell_clip unclipped).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                       const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
-                                      const at::Tensor& w_co, double cell_clip, const at::Tensor& Hprev,
-                                      const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
-                                      const at::Tensor& valid, const at::Tensor& dR) {
+                                      const at::Tensor& w_co, double cell_clip, int64_t variant,
+                                      const at::Tensor& Hprev, const at::Tensor& Cprev, const at::Tensor& Acts,
+                                      const at::Tensor& Tc, const at::Tensor& valid, const at::Tensor& dR) {
   for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc, &dR}) check(*p, "every tensor");
-  const bool peep = w_ci.numel() > 0;
+  const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
-  const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = 4 * H;
+  const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = W_hh.size(0);
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float cc = static_cast<float>(cell_clip);
   auto opts = Hprev.options();
@@ -111,70 +155,85 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   at::Tensor dXP = at::empty({B, T, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part = at::zeros({nthreads, 3, H}, opts);  // the peepholes' gradients, per thread
-  const float *wci = peep ? w_ci.data_ptr<float>() : nullptr, *wcf = peep ? w_cf.data_ptr<float>() : nullptr,
-              *wco = peep ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
+  const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
+              *wco = po ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   const float *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>();
   float *dr_all = dR.data_ptr<float>(), *dxp = dXP.data_ptr<float>(), *part_all = part.data_ptr<float>();
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * G,
-                *tcp = tc_all + t * B * H;
-    float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      float* pp = part_all + at::get_thread_num() * 3 * H;  // d w_ci, d w_cf, d w_co
-      for (int64_t b = b0; b < b1; ++b) {
-        float* dxb = dxp + (b * T + t) * G;
-        float* drb = dr + b * G;
-        if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
-          std::fill(dxb, dxb + G, 0.f);
-          std::fill(drb, drb + G, 0.f);
-          continue;
-        }
-        const float *acb = ac + b * G, *cpb = cp + b * H, *cnb = cn + b * H, *tcb = tcp + b * H,
-                    *dob = do_p + (b * T + t) * H;
-        float *dhb = dh + b * H, *dcb = dc + b * H;
-        lanes(H, [&](auto* tag, int64_t k) {
-          using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
-             so = ld(acb + 3 * H + k, tag), tc = ld(tcb + k, tag), cprev = ld(cpb + k, tag);
-          Tp d = ld(dhb + k, tag) + ld(dob + k, tag);
-          Tp dpo = d * tc * so * (Tp(1.f) - so);
-          Tp dcn = ld(dcb + k, tag) + d * so * (Tp(1.f) - tc * tc);
-          if (peep) dcn = dcn + dpo * ld(wco + k, tag);
-          if (clipped) dcn = where_unclipped(dcn, ld(cnb + k, tag), cc);  // zero where the clip held it
-          Tp dpi = dcn * tg * si * (Tp(1.f) - si);
-          Tp dpf = dcn * cprev * sf * (Tp(1.f) - sf);
-          Tp dpg = dcn * si * (Tp(1.f) - tg * tg);
-          Tp dcp = dcn * sf;
-          if (peep) {
-            dcp = dcp + dpi * ld(wci + k, tag) + dpf * ld(wcf + k, tag);
-            st(pp + k, ld(pp + k, tag) + dpi * cprev);
-            st(pp + H + k, ld(pp + H + k, tag) + dpf * cprev);
-            st(pp + 2 * H + k, ld(pp + 2 * H + k, tag) + dpo * ld(cnb + k, tag));
+  with_variant(variant, [&](auto vc) {
+    using S = Spec<decltype(vc)::value>;
+    TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * 4 * H,
+                  *tcp = tc_all + t * B * H;
+      float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+        float* pp = part_all + at::get_thread_num() * 3 * H;  // d w_ci, d w_cf, d w_co
+        for (int64_t b = b0; b < b1; ++b) {
+          float* dxb = dxp + (b * T + t) * G;
+          float* drb = dr + b * G;
+          if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
+            std::fill(dxb, dxb + G, 0.f);
+            std::fill(drb, drb + G, 0.f);
+            continue;
           }
-          st(dcb + k, dcp);
-          st(drb + k, dpi);
-          st(drb + H + k, dpf);
-          st(drb + 2 * H + k, dpg);
-          st(drb + 3 * H + k, dpo);
-          st(dxb + k, dpi);
-          st(dxb + H + k, dpf);
-          st(dxb + 2 * H + k, dpg);
-          st(dxb + 3 * H + k, dpo);
-        });
+          const float *acb = ac + b * 4 * H, *cpb = cp + b * H, *cnb = cn + b * H, *tcb = tcp + b * H,
+                      *dob = do_p + (b * T + t) * H;
+          float *dhb = dh + b * H, *dcb = dc + b * H;
+          lanes(H, [&](auto* tag, int64_t k) {
+            using Tp = std::remove_pointer_t<decltype(tag)>;
+            auto put = [&](int block, const Tp& v) {
+              st(drb + block * H + k, v);
+              st(dxb + block * H + k, v);
+            };
+            Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
+               so = ld(acb + 3 * H + k, tag), tc = ld(tcb + k, tag), cprev = ld(cpb + k, tag);
+            Tp d = ld(dhb + k, tag) + ld(dob + k, tag);
+            Tp dcn = ld(dcb + k, tag) + (S::act_c ? d * so * (Tp(1.f) - tc * tc) : d * so);
+            Tp dpo(0.f);
+            if constexpr (S::has_o) {
+              dpo = d * tc * so * (Tp(1.f) - so);
+              if (po) dcn = dcn + dpo * ld(wco + k, tag);
+            }
+            if (clipped) dcn = where_unclipped(dcn, ld(cnb + k, tag), cc);  // zero where the clip held it
+            Tp dcp = dcn * sf;
+            if constexpr (S::has_i) {
+              Tp dsi = dcn * tg;
+              if constexpr (S::coupled) dsi = dsi - dcn * cprev;  // f = 1 - i
+              Tp dpi = dsi * si * (Tp(1.f) - si);
+              if (pi) {
+                dcp = dcp + dpi * ld(wci + k, tag);
+                st(pp + k, ld(pp + k, tag) + dpi * cprev);
+              }
+              put(S::oi, dpi);
+            }
+            if constexpr (S::has_f) {
+              Tp dpf = dcn * cprev * sf * (Tp(1.f) - sf);
+              if (pf) {
+                dcp = dcp + dpf * ld(wcf + k, tag);
+                st(pp + H + k, ld(pp + H + k, tag) + dpf * cprev);
+              }
+              put(S::of, dpf);
+            }
+            put(S::og, S::act_g ? dcn * si * (Tp(1.f) - tg * tg) : dcn * si);
+            if constexpr (S::has_o) {
+              if (po) st(pp + 2 * H + k, ld(pp + 2 * H + k, tag) + dpo * ld(cnb + k, tag));
+              put(S::oo, dpo);
+            }
+            st(dcb + k, dcp);
+          });
+        }
+      });
+      gemm_cols(dr, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+      if (masked) {  // rows past their length carry dh unchanged
+        float* dhn = dHn.data_ptr<float>();
+        for (int64_t b = 0; b < B; ++b)
+          if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
       }
-    });
-    gemm_cols(dr, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
-    if (masked) {  // rows past their length carry dh unchanged
-      float* dhn = dHn.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
+      std::swap(dH, dHn);
     }
-    std::swap(dH, dHn);
-  }
+  });
   at::Tensor dW = at::mm(dR.view({T * B, G}).t(), Hprev.view({T * B, H}));
-  at::Tensor empty = at::empty({0}, opts);
-  if (!peep) return {dXP, dH, dC, dW, empty, empty, empty};
   at::Tensor p = part.sum(0);
   return {dXP, dH, dC, dW, p[0], p[1], p[2]};
 }
