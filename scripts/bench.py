@@ -42,6 +42,7 @@ before the step.
     python scripts/bench.py                      # LSTM/GRU, hidden 128/256, 1-2 layers, uni/bi
     python scripts/bench.py --quick              # LSTM, hidden 128 and 256, 1 layer
     python scripts/bench.py --quick --cells peephole,proj,ln_lstm   # the other registry LSTMs
+    python scripts/bench.py --quick --cells nig,nfg,nog,niaf,noaf,np,cifg,fgr --paths acdh   # Greff's variants
     python scripts/bench.py --device cuda --amp bf16 --quick
     python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
     python scripts/bench.py --memory --quick --cells ln_lstm --paths adh   # the ln_lstm kernel's memory
@@ -100,13 +101,16 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int
 
 #: The benchmarked cells: the registry cell config (sizes added), and the torch.nn module of the same size it is
 #: compared with. ``peephole``, ``proj`` and ``ln_lstm`` are the issue's "any registry cell": peephole LSTM,
-#: projected LSTM (num_proj = hidden / 2, against torch.nn.LSTM's proj_size) and the layer-norm LSTM.
+#: projected LSTM (num_proj = hidden / 2, against torch.nn.LSTM's proj_size) and the layer-norm LSTM; ``nig`` …
+#: ``fgr``: Greff et al.'s LSTM variants, with peepholes as in the paper (``np``: none), against torch.nn.LSTM.
 CELLS: dict[str, dict[str, Any]] = {
     "lstm": {"name": "lstm", "forget_bias": 0.0},  # forget_bias 0: torch.nn's LSTM has none
     "gru": {"name": "gru"},
     "peephole": {"name": "lstm", "forget_bias": 0.0, "use_peepholes": True},
     "proj": {"name": "lstm", "forget_bias": 0.0},  # num_proj: proj_width()
     "ln_lstm": {"name": "ln_lstm", "forget_bias": 0.0},
+    **{v.lower(): {"name": "lstm", "forget_bias": 0.0, "variant": v, "use_peepholes": v != "NP"}
+       for v in ("NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR")},
 }
 
 
