@@ -2,9 +2,9 @@
 
 Against the generic cell-by-cell path in float64: outputs, final states and every gradient, with
 peepholes, a cell clip that bites, forget biases, lengths, a given initial state, both directions. Where
-the kernel must not run (projection, the FGR variant, another activation, a subclass, float64, autocast,
-no grad, the switch off), it does not. Greff et al.'s variants (all but FGR) run their own instantiations,
-checked the same way. The kernel shares its extension with ``ln_lstm``'s; the first test
+the kernel must not run (projection, another activation, a subclass, float64, autocast,
+no grad, the switch off), it does not. Greff et al.'s variants run their own instantiations, checked the
+same way (FGR with its third state tensor, the previous gates, given and differentiated too). The kernel shares its extension with ``ln_lstm``'s; the first test
 to load it builds it (about a minute) into the shared cache.
 """
 
@@ -46,19 +46,25 @@ def _cell(hidden: int = H, **options: Any) -> LSTMCell:
 
 
 def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool):
-    """Outputs, final state and the gradients of a loss on all three, w.r.t. input, state and parameters."""
+    """Outputs, final state and the gradients of a loss on them all, w.r.t. input, state and parameters."""
     x = x.to(cell.weight_hh.dtype).clone().requires_grad_()
     cell.zero_grad(set_to_none=True)
     state = None
     if with_state:
         g = torch.Generator().manual_seed(1)
-        state = tuple((0.5 * torch.randn(B, cell.hidden_size, generator=g)).to(x.dtype).requires_grad_() for _ in range(2))
-    out, (h, c) = cell.forward_sequence(x, state, lengths)
+        state = tuple((0.5 * torch.randn(B, n, generator=g)).to(x.dtype).requires_grad_() for n in cell.state_size)
+    out, final = cell.forward_sequence(x, state, lengths)
+    h, c = final[0], final[1]
     w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    loss = (out * w).sum() + (h * h).sum() + 0.3 * c.sum()
+    if len(final) == 3:  # FGR's gate state
+        loss = loss + (final[2] * torch.linspace(-1, 1, final[2].numel(), dtype=out.dtype).view_as(final[2])).sum()
+    loss.backward()
     grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
     if with_state:
-        grads.update(h0=state[0].grad, c0=state[1].grad)
+        grads.update({f"state{k}": s.grad for k, s in enumerate(state)})
+    if len(final) == 3:
+        grads["final gate state (the value)"] = final[2].detach()  # checked with the gradients
     return out.detach(), h.detach(), c.detach(), grads
 
 
@@ -77,8 +83,10 @@ def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_
     ({"variant": "NP"}, LENGTHS, False),
     ({"variant": "CIFG", "use_peepholes": True}, LENGTHS, True),
     ({"variant": "CIFG", "cell_clip": 0.5}, None, False),
+    ({"variant": "FGR", "use_peepholes": True}, LENGTHS, True),
+    ({"variant": "FGR", "cell_clip": 0.5, "hidden": 13}, None, False),
 ], ids=["defaults", "peepholes-lengths-state", "peepholes-clip", "clip-no-forget-bias", "hidden-13", "NIG",
-        "NFG-clip", "NOG", "NIAF", "NOAF-hidden-13", "NP", "CIFG", "CIFG-clip"])
+        "NFG-clip", "NOG", "NIAF", "NOAF-hidden-13", "NP", "CIFG", "CIFG-clip", "FGR", "FGR-clip-hidden-13"])
 def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
     """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
     x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
@@ -133,10 +141,10 @@ class ChangedStep(LSTMCell):
         return h * 0.5, (c[0] * 0.5, c[1])
 
 
-@pytest.mark.parametrize("case", ["projection", "variant", "activation", "subclass", "float64", "no-grad",
+@pytest.mark.parametrize("case", ["projection", "activation", "subclass", "float64", "no-grad",
                                   "autocast", "switched-off", "per-step-grad", "learned-forget-bias"])
 def test_the_kernel_runs_only_where_it_computes_the_same_thing(case, eager_compile, monkeypatch):
-    options = {"projection": {"num_proj": 8}, "variant": {"variant": "FGR", "use_peepholes": True},
+    options = {"projection": {"num_proj": 8}, 
                "activation": {"activation": "relu"}}.get(case, {})
     cell = ChangedStep(IN, H) if case == "subclass" else _cell(**options)
     if case == "float64":

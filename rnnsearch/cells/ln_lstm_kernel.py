@@ -231,8 +231,12 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
 
 
 def sequence_inputs(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
-                    applies_here: Callable[..., bool]) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """``(h0, c0, valid)`` for a kernel's sequence, or None where it does not run (the checks both kernels share)."""
+                    applies_here: Callable[..., bool]) -> Optional[tuple[tuple[Tensor, ...], Tensor]]:
+    """``(initial state, valid)`` for a kernel's sequence, or None where it does not run (the checks both kernels share).
+
+    The state's tensors are expanded to the batch (a broadcast state is allowed), ``valid`` is ``(time, batch)`` bool,
+    empty without lengths.
+    """
     batch, steps = x.shape[0], x.shape[1]
     if (steps < 2 or x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu")
             or not applies_here(cell, "cpu", cell.weight_hh.dtype, None) or cell.batched_weights(steps) is None
@@ -242,12 +246,12 @@ def sequence_inputs(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], l
         return None
     if state is None:
         state = cell.zero_state(batch, dtype=x.dtype, device=x.device)
-    h0, c0 = (s.expand(batch, cell.hidden_size) for s in state)
+    state = tuple(s.expand(batch, width) for s, width in zip(state, cell.state_size))
     if lengths is None:
         valid = torch.empty(0, dtype=torch.bool)
     else:
         valid = step_masks(lengths, steps, torch.device("cpu")).squeeze(2).contiguous()  # (t, b)
-    return h0, c0, valid
+    return state, valid
 
 
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
@@ -256,7 +260,7 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     inputs = sequence_inputs(cell, x, state, lengths, applies)
     if inputs is None:
         return None
-    h0, c0, valid = inputs
+    (h0, c0), valid = inputs
     A = torch.nn.functional.linear(x, cell.weight_ih).contiguous()
     out, hT, cT = LNLSTMSequence.apply(A, h0, c0, cell.weight_hh, cell.ln_ih_weight, cell.ln_hh_weight, cell.bias,
                                        cell.ln_c_weight, cell.ln_c_bias, valid, cell.forget_bias, cell.eps)

@@ -14,8 +14,8 @@ options are ones it has. The step (TF ``rnn_cell_impl.py``)::
 BasicLSTMCell). State is ``(h, c)`` in PyTorch's order, ``h`` of width
 ``num_proj`` when projecting.
 
-Where the compiled path runs on a CPU (``model.compile``), an ``lstm`` without projection, in any variant
-but FGR, runs a hand-written fused kernel instead (:mod:`rnnsearch.cells.lstm_kernel`).
+Where the compiled path runs on a CPU (``model.compile``), an ``lstm`` without projection, in any variant,
+runs a hand-written fused kernel instead (:mod:`rnnsearch.cells.lstm_kernel`).
 """
 
 from __future__ import annotations

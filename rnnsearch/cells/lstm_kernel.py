@@ -9,8 +9,9 @@ one GEMM after the loop. It is part of the same extension (one build per machine
 
 It runs where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of the registry's own ``lstm`` (a subclass that
-redefines a step method gets the generic path) in any variant but ``FGR`` (vanilla, NP and Greff et al.'s
-six other variants, each its own instantiation of the kernel), with ``tanh``, without projection
+redefines a step method gets the generic path) in any variant (vanilla, NP and Greff et al.'s seven
+others, each its own instantiation of the kernel; FGR's gate state is a third state tensor), with ``tanh``,
+without projection
 (``num_proj``; peepholes, ``cell_clip`` and any ``forget_bias`` are in), with
 ``batched_weight_grad`` on and ``weight_hh`` trained. Anything else, a failed build, or
 ``ln_lstm_kernel.ENABLED = False`` (the switch for both kernels) runs the generic path.
@@ -32,47 +33,54 @@ from .ln_lstm_kernel import Workspace
 STEP_METHODS = ("project_input", "recur", "recur_deferred", "_step", "forward_sequence", "zero_state",
                 "start_sequence")
 
-#: The variants the kernel computes, by the number csrc/lstm.h knows them by (NP is vanilla without peepholes;
-#: FGR, whose gates see the previous gates, runs the generic path).
-VARIANTS = {"vanilla": 0, "NP": 0, "NIG": 1, "NFG": 2, "NOG": 3, "NIAF": 4, "NOAF": 5, "CIFG": 6}
+#: The variants, by the number csrc/lstm.h knows them by (NP is vanilla without peepholes).
+VARIANTS = {"vanilla": 0, "NP": 0, "NIG": 1, "NFG": 2, "NOG": 3, "NIAF": 4, "NOAF": 5, "CIFG": 6, "FGR": 7}
 
 WORKSPACE = Workspace()  # its own: a model with ln_lstm and lstm layers keeps both kernels' buffers
 
 
-def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
+def _saved_shapes(batch: int, steps: int, hidden: int, fgr: bool) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H)]  # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c)
+    # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c); FGR: the gate state s_{t-1} and s_T
+    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H), *([(T + 1, B, 3 * H)] if fgr else [])]
 
 
 class LSTMSequence(torch.autograd.Function):
     """A whole ``lstm`` sequence: forward and backward in the C++ kernel."""
 
     @staticmethod
-    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, w_ci: Tensor, w_cf: Tensor,
-                w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float, variant: int
-                ) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, W_gr: Tensor, w_ci: Tensor,
+                w_cf: Tensor, w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float, variant: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
         B, T, _ = XP.shape
-        bufs = WORKSPACE.take(_saved_shapes(B, T, h0.shape[1]), XP)
-        W_hh, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, w_ci, w_cf, w_co))
-        out, hT, cT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
-                                       float(forget_bias), float(cell_clip), int(variant), *bufs)
-        ctx.save_for_backward(W_hh, w_ci, w_cf, w_co, valid, *bufs)
+        fgr = W_gr.numel() > 0
+        bufs = WORKSPACE.take(_saved_shapes(B, T, h0.shape[1], fgr), XP)
+        if not fgr:
+            bufs.append(XP.new_empty(0))  # no gate state
+        W_hh, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, W_gr, w_ci, w_cf, w_co))
+        out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
+                                           float(forget_bias), float(cell_clip), int(variant), s0.contiguous(), W_gr,
+                                           *bufs)
+        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, *bufs)
         ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
-        WORKSPACE.give_when_freed(ctx, bufs)
-        return out, hT, cT
+        WORKSPACE.give_when_freed(ctx, bufs[:5] if fgr else bufs[:4])
+        return out, hT, cT, sT
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
-        W_hh, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
-        T, B, _ = bufs[0].shape
-        (dR,) = WORKSPACE.take([(T, B, W_hh.shape[0])], W_hh, fresh_drops_others=False)  # work buffer: back after
-        dXP, dh0, dc0, dW, dci, dcf, dco = ln_lstm_kernel.load().lstm_backward(
-            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, *bufs, valid, dR)
-        WORKSPACE.give([dR])
+    def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor, dsT: Tensor) -> tuple[Optional[Tensor], ...]:
+        W_hh, W_gr, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
+        T, B, H = bufs[0].shape
+        fgr = W_gr.numel() > 0
+        work = WORKSPACE.take([(T, B, W_hh.shape[0]), *([(T, B, 3 * H)] if fgr else [])], W_hh,
+                              fresh_drops_others=False)  # work buffers: back right after
+        dQ = work[1] if fgr else W_hh.new_empty(0)
+        dXP, dh0, dc0, dW, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
+            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *bufs, valid, work[0], dQ)
+        WORKSPACE.give(work)
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
-        return (dXP, dh0, dc0, dW, *peep, None, None, None, None)
+        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dWgr if fgr else None, *peep, None, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -98,10 +106,12 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     inputs = ln_lstm_kernel.sequence_inputs(cell, x, state, lengths, applies)
     if inputs is None:
         return None
-    h0, c0, valid = inputs
+    state, valid = inputs
     XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
     none = x.new_empty(0)
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
-    out, hT, cT = LSTMSequence.apply(XP, h0, c0, cell.weight_hh, *peep, valid, cell.forget_bias,
-                                     cell.cell_clip or 0.0, VARIANTS[cell.variant])
-    return out, (hT, cT)
+    fgr = cell.variant == "FGR"
+    out, hT, cT, sT = LSTMSequence.apply(XP, state[0], state[1], state[2] if fgr else none, cell.weight_hh,
+                                         cell.weight_gr if fgr else none, *peep, valid, cell.forget_bias,
+                                         cell.cell_clip or 0.0, VARIANTS[cell.variant])
+    return out, ((hT, cT, sT) if fgr else (hT, cT))

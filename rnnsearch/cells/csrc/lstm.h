@@ -1,5 +1,5 @@
 // Fused LSTM sequence for the CPU (the registry's `lstm`: TF's LSTMCell without projection, peepholes and
-// cell clip optional, tanh activation, and Greff et al.'s variants but FGR): forward and backward over a whole
+// cell clip optional, tanh activation, and Greff et al.'s variants): forward and backward over a whole
 // sequence, float32.
 //
 // The same scheme as ln_lstm.cpp, whose translation unit includes this file: the recurrent GEMMs split by
@@ -21,11 +21,12 @@ inline Vec where_unclipped(const Vec& g, const Vec& x, float c) { return Vec::bl
 inline float where_unclipped(float g, float x, float c) { return std::abs(x) < c ? g : 0.f; }
 
 // The variants, numbered as rnnsearch.cells.lstm_kernel.VARIANTS: 0 vanilla (and NP), 1 NIG (i = 1),
-// 2 NFG (f = 1), 3 NOG (o = 1), 4 NIAF (g not squashed), 5 NOAF (h = o c), 6 CIFG (f = 1 - i).
-constexpr int kVariants = 7;
+// 2 NFG (f = 1), 3 NOG (o = 1), 4 NIAF (g not squashed), 5 NOAF (h = o c), 6 CIFG (f = 1 - i), 7 FGR (the
+// previous step's gates [i f o], a third state s, enter each gate through W_gr: pre_ifo += s W_gr^T).
+constexpr int kVariants = 8;
 template <int V> struct Spec {
   static constexpr bool has_i = V != 1, has_f = V != 2 && V != 6, has_o = V != 3;
-  static constexpr bool coupled = V == 6, act_g = V != 4, act_c = V != 5;
+  static constexpr bool coupled = V == 6, act_g = V != 4, act_c = V != 5, gate_rec = V == 7;
   static constexpr int gates = 1 + has_i + has_f + has_o;  // blocks of H columns in XP and W_hh, in order i f g o
   static constexpr int oi = 0, of = has_i, og = has_i + has_f, oo = og + 1;  // their column blocks
 };
@@ -45,13 +46,18 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 // w_cf, w_co (H) or empty (no peepholes, or no such gate); valid (T, B) bool or empty; cell_clip <= 0: none.
 // Fills the saved tensors (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
 // i, f, g, o, a dropped gate's constant included; Tc (T, B, H): tanh of the new cell, or the cell under NOAF)
-// and returns out (B, T, H), hT, cT.
+// and returns out (B, T, H), hT, cT, sT. FGR only (else all empty): s0 (B, 3H), W_gr (3H, 3H), and the saved
+// S (T + 1, B, 3H): s_{t-1}, then s_T.
 std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                      const at::Tensor& w_co, const at::Tensor& valid, double forget_bias,
-                                     double cell_clip, int64_t variant, const at::Tensor& Hprev,
-                                     const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc) {
+                                     double cell_clip, int64_t variant, const at::Tensor& s0,
+                                     const at::Tensor& W_gr, const at::Tensor& Hprev, const at::Tensor& Cprev,
+                                     const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S) {
   for (auto* p : {&XP, &h0, &c0, &W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
+  const bool fgr = W_gr.numel() > 0;
+  if (fgr)
+    for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
@@ -63,8 +69,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
   at::Tensor W_t = W_hh.t().contiguous();  // (H, nH)
+  at::Tensor Wgr_t = fgr ? W_gr.t().contiguous() : W_gr, R2 = at::empty({fgr ? B : 0, 3 * H}, opts);
   Hprev[0].copy_(h0);
   Cprev[0].copy_(c0);
+  if (fgr) S[0].copy_(s0);
+  float *s_all = fgr ? S.data_ptr<float>() : nullptr, *r2_p = R2.data_ptr<float>();
   const float* xp_p = XP.data_ptr<float>();
   const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
               *wco = po ? w_co.data_ptr<float>() : nullptr;
@@ -74,8 +83,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " projected input columns for ", S::gates, " gates of ", H);
+    TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     for (int64_t t = 0; t < T; ++t) {
       gemm_cols(h_all + t * B * H, W_t.data_ptr<float>(), r_p, B, H, G);
+      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, Wgr_t.data_ptr<float>(), r2_p, B, 3 * H, 3 * H);
       float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
       float* cn = c_all + (t + 1) * B * H;
       const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
@@ -86,10 +97,14 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
           if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
             std::copy(hp + b * H, hp + (b + 1) * H, hn + b * H);
             std::copy(cp + b * H, cp + (b + 1) * H, cn + b * H);
+            if constexpr (S::gate_rec)
+              std::copy(s_all + (t * B + b) * 3 * H, s_all + (t * B + b + 1) * 3 * H, s_all + ((t + 1) * B + b) * 3 * H);
             std::fill(o, o + H, 0.f);
             continue;
           }
           const float *xp = xp_p + (b * T + t) * G, *r = r_p + b * G, *c = cp + b * H;
+          const float* r2 = S::gate_rec ? r2_p + b * 3 * H : nullptr;  // s_{t-1} W_gr^T: i, f, o
+          float* sn = S::gate_rec ? s_all + ((t + 1) * B + b) * 3 * H : nullptr;
           float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
@@ -97,11 +112,13 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
             Tp cprev = ld(c + k, tag), si(1.f), sf(1.f), so(1.f);
             if constexpr (S::has_i) {
               Tp p = pre(S::oi);
+              if constexpr (S::gate_rec) p = p + ld(r2 + k, tag);
               if (pi) p = p + ld(wci + k, tag) * cprev;
               si = sigm(p);
             }
             if constexpr (S::has_f) {
               Tp p = pre(S::of);
+              if constexpr (S::gate_rec) p = p + ld(r2 + H + k, tag);
               if (pf) p = p + ld(wcf + k, tag) * cprev;
               sf = sigm(p + Tp(fb));
             } else if constexpr (S::coupled) {
@@ -113,8 +130,14 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
             if (clipped) cnew = clip_to(cnew, cc);
             if constexpr (S::has_o) {
               Tp p = pre(S::oo);
+              if constexpr (S::gate_rec) p = p + ld(r2 + 2 * H + k, tag);
               if (po) p = p + ld(wco + k, tag) * cnew;
               so = sigm(p);
+            }
+            if constexpr (S::gate_rec) {
+              st(sn + k, si);
+              st(sn + H + k, sf);
+              st(sn + 2 * H + k, so);
             }
             Tp tc = cnew;
             if constexpr (S::act_c) tc = tanh_e(cnew);
@@ -132,19 +155,24 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
       });
     }
   });
-  return {out, hT, Cprev[T].clone()};
+  return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
 }
 
 // Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dw_ci, dw_cf, dw_co (each peephole's gradient is
-// zeros where forward had no such weight). dR (T, B, nH) is a work buffer; the saved tensors are left as they
-// were. Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
+// zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). dR (T, B, nH) and, for FGR, dQ (T, B,
+// 3H) are work buffers; the saved tensors are left as they were. Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
 // exactly ±cell_clip unclipped).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                       const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                       const at::Tensor& w_co, double cell_clip, int64_t variant,
-                                      const at::Tensor& Hprev, const at::Tensor& Cprev, const at::Tensor& Acts,
-                                      const at::Tensor& Tc, const at::Tensor& valid, const at::Tensor& dR) {
+                                      const at::Tensor& dsT, const at::Tensor& W_gr, const at::Tensor& Hprev,
+                                      const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
+                                      const at::Tensor& S, const at::Tensor& valid, const at::Tensor& dR,
+                                      const at::Tensor& dQ) {
   for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc, &dR}) check(*p, "every tensor");
+  const bool fgr = W_gr.numel() > 0;
+  if (fgr)
+    for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = W_hh.size(0);
@@ -155,6 +183,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   at::Tensor dXP = at::empty({B, T, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part = at::zeros({nthreads, 3, H}, opts);  // the peepholes' gradients, per thread
+  // FGR: the gradient of the gate state s_t, (B, 3H), carried backwards like dH
+  at::Tensor dS = fgr ? dsT.contiguous().clone() : at::empty({0}, opts), dSn = at::empty({fgr ? B : 0, 3 * H}, opts);
+  float* dq_all = fgr ? dQ.data_ptr<float>() : nullptr;
   const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
               *wco = po ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
@@ -163,10 +194,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
+    TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     for (int64_t t = T - 1; t >= 0; --t) {
       const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * 4 * H,
                   *tcp = tc_all + t * B * H;
       float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
+      float *ds = fgr ? dS.data_ptr<float>() : nullptr, *dq = fgr ? dq_all + t * B * 3 * H : nullptr;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         float* pp = part_all + at::get_thread_num() * 3 * H;  // d w_ci, d w_cf, d w_co
         for (int64_t b = b0; b < b1; ++b) {
@@ -175,8 +208,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
             std::fill(dxb, dxb + G, 0.f);
             std::fill(drb, drb + G, 0.f);
+            if constexpr (S::gate_rec) std::fill(dq + b * 3 * H, dq + (b + 1) * 3 * H, 0.f);
             continue;
           }
+          const float* dsb = S::gate_rec ? ds + b * 3 * H : nullptr;  // into this step's [i f o]
+          float* dqb = S::gate_rec ? dq + b * 3 * H : nullptr;
           const float *acb = ac + b * 4 * H, *cpb = cp + b * H, *cnb = cn + b * H, *tcb = tcp + b * H,
                       *dob = do_p + (b * T + t) * H;
           float *dhb = dh + b * H, *dcb = dc + b * H;
@@ -192,7 +228,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             Tp dcn = ld(dcb + k, tag) + (S::act_c ? d * so * (Tp(1.f) - tc * tc) : d * so);
             Tp dpo(0.f);
             if constexpr (S::has_o) {
-              dpo = d * tc * so * (Tp(1.f) - so);
+              Tp dso = d * tc;
+              if constexpr (S::gate_rec) dso = dso + ld(dsb + 2 * H + k, tag);
+              dpo = dso * so * (Tp(1.f) - so);
               if (po) dcn = dcn + dpo * ld(wco + k, tag);
             }
             if (clipped) dcn = where_unclipped(dcn, ld(cnb + k, tag), cc);  // zero where the clip held it
@@ -200,7 +238,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             if constexpr (S::has_i) {
               Tp dsi = dcn * tg;
               if constexpr (S::coupled) dsi = dsi - dcn * cprev;  // f = 1 - i
+              if constexpr (S::gate_rec) dsi = dsi + ld(dsb + k, tag);
               Tp dpi = dsi * si * (Tp(1.f) - si);
+              if constexpr (S::gate_rec) st(dqb + k, dpi);
               if (pi) {
                 dcp = dcp + dpi * ld(wci + k, tag);
                 st(pp + k, ld(pp + k, tag) + dpi * cprev);
@@ -208,7 +248,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
               put(S::oi, dpi);
             }
             if constexpr (S::has_f) {
-              Tp dpf = dcn * cprev * sf * (Tp(1.f) - sf);
+              Tp dsf = dcn * cprev;
+              if constexpr (S::gate_rec) dsf = dsf + ld(dsb + H + k, tag);
+              Tp dpf = dsf * sf * (Tp(1.f) - sf);
+              if constexpr (S::gate_rec) st(dqb + H + k, dpf);
               if (pf) {
                 dcp = dcp + dpf * ld(wcf + k, tag);
                 st(pp + H + k, ld(pp + H + k, tag) + dpf * cprev);
@@ -219,6 +262,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             if constexpr (S::has_o) {
               if (po) st(pp + 2 * H + k, ld(pp + 2 * H + k, tag) + dpo * ld(cnb + k, tag));
               put(S::oo, dpo);
+              if constexpr (S::gate_rec) st(dqb + 2 * H + k, dpo);
             }
             st(dcb + k, dcp);
           });
@@ -231,9 +275,20 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
       }
       std::swap(dH, dHn);
+      if constexpr (S::gate_rec) {  // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
+        gemm_cols(dq, W_gr.data_ptr<float>(), dSn.data_ptr<float>(), B, 3 * H, 3 * H);
+        if (masked) {
+          float *dsn = dSn.data_ptr<float>();
+          for (int64_t b = 0; b < B; ++b)
+            if (!vp[t * B + b]) std::copy(ds + b * 3 * H, ds + (b + 1) * 3 * H, dsn + b * 3 * H);
+        }
+        std::swap(dS, dSn);
+      }
     }
   });
   at::Tensor dW = at::mm(dR.view({T * B, G}).t(), Hprev.view({T * B, H}));
   at::Tensor p = part.sum(0);
-  return {dXP, dH, dC, dW, p[0], p[1], p[2]};
+  if (!fgr) return {dXP, dH, dC, dW, p[0], p[1], p[2], dS, dS};
+  at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
+  return {dXP, dH, dC, dW, p[0], p[1], p[2], dS, dWgr};
 }
