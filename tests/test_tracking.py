@@ -170,6 +170,7 @@ def test_single_run_params_metrics_tags(single, client):
     assert m["test/mse"] == pytest.approx(result["test/mse"]) and m["epochs"] == 2
     t = run.data.tags
     assert t["trial_state"] == "COMPLETE" and t["device"] == "cpu" and t["metric"] == "val/mse"
+    assert t["compiled"] == "false" and "fused torch.nn path" in t["compile"], "how the cell path ran, and why"
     assert "mlflow.parentRunId" not in t
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"

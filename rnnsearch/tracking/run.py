@@ -79,6 +79,9 @@ class MlflowRun(Callback):
         params = {**flatten(self.cfg), **choice_params(self.cfg, info.get("params")), **self.extra_params}
         tags = {"device": device, "task": (self.cfg.get("task") or {}).get("name", ""), "metric": self._metric,
                 "direction": getattr(task, "direction", "minimize"), **self.extra_tags}
+        if info.get("compile"):  # how the cell path ran (compiled, a fused CPU kernel, eager), and why
+            tags["compile"] = str(info["compile"])[:5000]
+            tags["compiled"] = str(bool(info.get("compiled"))).lower()
         for name, attr in (("baseline", "baseline"), ("solved_at", "solved")):  # the task's reference values
             if getattr(task, attr, None) is not None:
                 tags[name] = repr(float(getattr(task, attr)))
