@@ -85,11 +85,13 @@ class Costs:
     cold_s: float  # compile time of a new cell shape (forward + backward graph)
     warm_s: float  # the same from a warm inductor cache
     saving_s: float  # time saved per recurrent step (forward + backward) by the compiled chunk
+    kernel_saving_s: float = 0.0  # the same for a cell that runs a hand-written fused kernel instead
 
 
 COSTS: dict[str, Costs] = {  # rounded up (compile) and down (saving) from docs/performance.md
-    "cpu": Costs(cold_s=90.0, warm_s=6.0, saving_s=2e-4),  # 2-core CPU, 20-step chunk: 31-38 s cold (quiet),
-    # 54-98 s under load; 3-5 s warm
+    "cpu": Costs(cold_s=90.0, warm_s=6.0, saving_s=2e-4, kernel_saving_s=4e-4),  # 2-core CPU, 20-step chunk:
+    # 31-38 s cold (quiet), 54-98 s under load; 3-5 s warm. The kernels: 4.5e-4 s a step on lstm_odyssey's digits
+    # trials (hidden 16-128, batch 32), 5.4-5.7e-4 s in scripts/bench.py (hidden 128 and 256, batch 64)
     "cuda": Costs(cold_s=45.0, warm_s=5.0, saving_s=2e-4),  # H200: 7-16 s cold for a 10-step chunk (20 steps:
     # not measured, scaled as on the CPU); saves 0.23-0.32 ms/step
 }
@@ -150,8 +152,8 @@ def compiler_available(device_type: str) -> bool:
 
 
 def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_shapes: int,
-           device_type: str, available: bool = True, kernel_cells: int = 0, kernel_built: bool = False
-           ) -> Decision:
+           device_type: str, available: bool = True, kernel_cells: int = 0, kernel_built: bool = False,
+           kernel_loaded: bool = False) -> Decision:
     """Whether a trial compiles its cell-by-cell path: a pure function of the budget and the cache.
 
     Args:
@@ -169,6 +171,7 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
         kernel_built: whether that kernel is built (:data:`~rnnsearch.cells.ln_lstm_kernel.LOAD_S` to
             load it) or must be built first, once per machine and PyTorch version
             (:data:`~rnnsearch.cells.ln_lstm_kernel.BUILD_S`).
+        kernel_loaded: whether this process has loaded it already (free: a sweep worker's later trials).
     """
     mode = compile_mode(mode)
     if mode == "false":
@@ -183,11 +186,13 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
     c = COSTS[device_type]
     from rnnsearch.cells.ln_lstm_kernel import BUILD_S, LOAD_S
 
-    kernel_s = (LOAD_S if kernel_built else BUILD_S) if kernel_cells else 0.0
+    kernel_s = 0.0 if not kernel_cells or kernel_loaded else LOAD_S if kernel_built else BUILD_S
     cost = new_shapes * c.cold_s + cached_shapes * c.warm_s + kernel_s
-    saving = recur_steps * c.saving_s
+    kernel_share = kernel_cells / cells  # recurrent steps run by kernel cells save more than compiled chunks
+    saving = recur_steps * ((1 - kernel_share) * c.saving_s + kernel_share * c.kernel_saving_s)
     verdict = saving > MARGIN * cost
-    builds = f"; fused CPU kernels {'built' if kernel_built else 'to build'}" if kernel_cells else ""
+    state = "loaded" if kernel_loaded else "built" if kernel_built else "to build"
+    builds = f"; fused CPU kernels {state}" if kernel_cells else ""
     why = (f"budget of {recur_steps:,} recurrent steps saves ~{saving:.0f} s "
            f"{'>' if verdict else '<='} {MARGIN:g} x ~{cost:.0f} s to compile "
            f"({new_shapes} new, {cached_shapes} cached cell shape(s){builds})")
@@ -424,7 +429,8 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
     decision = decide(mode, cells=len(cells), recur_steps=optimizer_steps * full_chunks * len(cells),
                       new_shapes=new, cached_shapes=cached, device_type=dev,
                       available=compile_mode(mode) == "false" or not cells or compiler_available(dev),
-                      kernel_cells=kernels, kernel_built=kernels > 0 and ln_lstm_kernel.is_built())
+                      kernel_cells=kernels, kernel_built=kernels > 0 and ln_lstm_kernel.is_built(),
+                      kernel_loaded=kernels > 0 and ln_lstm_kernel.is_loaded())
     if decision.compile:
         setup_cache()
         install(model, chunk)

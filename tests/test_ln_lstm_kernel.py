@@ -265,7 +265,8 @@ def test_auto_counts_the_kernel_build_once_not_a_compile_per_shape(monkeypatch):
     args = dict(seq_len=20, batch_size=16, masked=False, device="cpu")
     monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
     monkeypatch.setattr(ln_lstm_kernel, "is_built", lambda: False)
-    cold = compiling.prepare(model, "auto", optimizer_steps=1000, **args)  # 80,000 steps: 16 s < 1.5 x 90 s
+    monkeypatch.setattr(ln_lstm_kernel, "is_loaded", lambda: False)
+    cold = compiling.prepare(model, "auto", optimizer_steps=1000, **args)  # 80,000 kernel steps: 32 s < 1.5 x 90 s
     assert not cold.compile and "(0 new, 0 cached cell shape(s); fused CPU kernels to build)" in cold.reason
     monkeypatch.setattr(ln_lstm_kernel, "is_built", lambda: True)
     warm = compiling.prepare(model, "auto", optimizer_steps=1000, **args)
@@ -273,6 +274,13 @@ def test_auto_counts_the_kernel_build_once_not_a_compile_per_shape(monkeypatch):
         in warm.reason
     assert decide("auto", cells=4, recur_steps=80_000, new_shapes=0, cached_shapes=0, device_type="cpu",
                   kernel_cells=4, kernel_built=False).compile is False
+    assert decide("auto", cells=4, recur_steps=5_000, new_shapes=0, cached_shapes=0, device_type="cpu",
+                  kernel_cells=4, kernel_built=True).compile is False  # 2 s < 1.5 x 2 s to load
+    assert decide("auto", cells=4, recur_steps=10_000, new_shapes=0, cached_shapes=0, device_type="cpu",
+                  kernel_cells=4, kernel_built=True).compile is True  # a kernel step saves 4e-4 s: 4 s > 3 s
+    loaded = decide("auto", cells=4, recur_steps=100, new_shapes=0, cached_shapes=0, device_type="cpu",
+                    kernel_cells=4, kernel_built=True, kernel_loaded=True)  # this process has it: nothing to pay
+    assert loaded.compile and "fused CPU kernels loaded" in loaded.reason
     assert decide("auto", cells=4, recur_steps=10**6, new_shapes=0, cached_shapes=0, device_type="cpu",
                   kernel_cells=4, kernel_built=False).compile is True
     amp = compiling.prepare(model, "auto", optimizer_steps=1000, amp=torch.bfloat16, **args)  # inductor's graphs

@@ -3,8 +3,10 @@
 ``residual``, ``device`` and ``dropout`` without state dropout act on a sequence's inputs and outputs only:
 a whole training sequence then runs through the wrapped ``lstm``'s (or ``ln_lstm``'s) kernel, the wrapper
 applied before and after. The result is the step loop's (the same masks, where masks are drawn per
-sequence; the same distribution where they are drawn per step). Zoneout, state dropout, a wrapper subclass
-that changes a step, and a cell without a kernel keep the step loop.
+sequence; the same distribution where they are drawn per step). Zoneout around a bare ``lstm`` runs its kernel,
+which zones the state itself (checked against the wrapper's arithmetic in float64 with the kernel's draws).
+Zoneout elsewhere, state dropout, a wrapper subclass that changes a step, and a cell without a kernel keep the
+step loop.
 """
 
 from __future__ import annotations
@@ -120,11 +122,11 @@ class DoubledDropout(DropoutWrapper):
         return 2 * out, new_state
 
 
-@pytest.mark.parametrize("case", ["zoneout", "state-dropout", "subclass", "gru"])
+@pytest.mark.parametrize("case", ["zoneout-ln_lstm", "state-dropout", "subclass", "gru"])
 def test_wrappers_that_act_inside_the_recurrence_keep_the_step_loop(case):
-    wrappers = {"zoneout": [{"name": "zoneout"}], "state-dropout": [{"name": "dropout", "state_keep_prob": 0.8}],
+    wrappers = {"zoneout-ln_lstm": [{"name": "zoneout"}], "state-dropout": [{"name": "dropout", "state_keep_prob": 0.8}],
                 "subclass": [], "gru": [{"name": "dropout", "output_keep_prob": 0.8}]}[case]
-    cell = _wrapped(wrappers, "gru" if case == "gru" else "lstm")
+    cell = _wrapped(wrappers, {"gru": "gru", "zoneout-ln_lstm": "ln_lstm"}.get(case, "lstm"))
     if case == "subclass":
         cell = DoubledDropout(cell)
     cell.sequence_runner = ChunkRunner(4)
@@ -180,3 +182,73 @@ def test_training_a_peephole_lstm_under_variational_dropout_with_compile_true_ru
     runner = compiling.step_cells(seen.info["model"])[0].sequence_runner
     assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
     assert result["test/mse"] == result["test/mse"]  # finite, not NaN
+
+
+def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], zh: torch.Tensor,
+                     zc: torch.Tensor):
+    """The zoneout wrapper's arithmetic, step by step in float64, with given draws (1: keep the previous value)."""
+    x = x.double().clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    h, c = cell.zero_state(x.shape[0], dtype=torch.float64)
+    xp, outs = cell.project_input(x), []
+    for t in range(x.shape[1]):
+        out, (h_new, c_new) = cell.recur(xp[:, t], (h, c))
+        h_new = h_new + zh[t].double() * (h - h_new)
+        c_new = c_new + zc[t].double() * (c - c_new)
+        if lengths is not None:
+            v = (t < lengths).unsqueeze(1)
+            h_new, c_new = torch.where(v, h_new, h), torch.where(v, c_new, c)
+            outs.append(h_new.masked_fill(~v, 0.0))
+        else:
+            outs.append(h_new)
+        h, c = h_new, c_new
+    out = torch.stack(outs, 1)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{f"cell.{n}": p.grad for n, p in cell.named_parameters()}}
+
+
+@pytest.mark.parametrize("options,lengths", [({}, None), ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
+                                             ({"variant": "CIFG", "use_peepholes": True}, LENGTHS)],
+                         ids=["plain", "peepholes-clip-lengths", "CIFG"])
+def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(options, lengths, monkeypatch):
+    """Training: the kernel's own draws (recorded) give what the wrapper's step computes with them, in float64."""
+    torch.manual_seed(0)
+    cell = create_wrapper("zoneout", create_cell("lstm", input_size=H, hidden_size=H, **options), h_prob=0.3,
+                          c_prob=0.6)
+    with torch.no_grad():
+        cell.cell.weight_ih.mul_(4.0)  # large enough for the clip to bite
+    reference = copy.deepcopy(cell.cell).double()
+    cell.sequence_runner = ChunkRunner(4)
+    draws, rand = [], torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: draws.append(rand(*a, **k)) or draws[-1])
+    x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+    fused = _run(cell, x, lengths)
+    assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0
+    zh, zc = ((d < p).float() for d, p in zip(draws, (0.3, 0.6)))
+    assert [tuple(d.shape) for d in draws] == [(T, B, H)] * 2, "one draw per unit and step, for h and for c"
+    assert abs(zh.mean().item() - 0.3) < 0.05 and abs(zc.mean().item() - 0.6) < 0.05
+    exact = _zoned_reference(reference, x, lengths, zh, zc)
+    _assert_same(exact, fused, 5e-5)
+
+
+def test_zoneout_at_eval_with_grad_matches_the_step_loop():
+    """Eval: the expectation (no draws), the same on both routes."""
+    cell = _wrapped([{"name": "zoneout", "h_prob": 0.2, "c_prob": 0.7}], use_peepholes=True).eval()
+    twin = copy.deepcopy(cell)
+    twin.sequence_runner = ChunkRunner(4)
+    x = torch.randn(B, T, H)
+    _assert_same(_run(cell, x, LENGTHS), _run(twin, x, LENGTHS))
+    assert twin.sequence_runner.kernel_calls == 1
+
+
+@pytest.mark.parametrize("wrappers,cell,kernel", [
+    ([{"name": "zoneout"}, {"name": "dropout", "output_keep_prob": 0.8}], "lstm", True),  # dropout outside zoneout
+    ([{"name": "dropout", "output_keep_prob": 0.8}, {"name": "zoneout"}], "lstm", False),  # zoneout outside dropout
+    ([{"name": "zoneout"}], "ln_lstm", False),
+], ids=["dropout-around-zoneout", "zoneout-around-dropout", "ln_lstm"])
+def test_which_zoneout_stacks_run_the_kernel(wrappers, cell, kernel):
+    wrapped = _wrapped(wrappers, cell)
+    assert wrapped.kernel_applies("cpu", torch.float32, None, T) is kernel
+    fgr = _wrapped([{"name": "zoneout"}], variant="FGR")
+    assert not fgr.kernel_applies("cpu", torch.float32, None, T), "FGR's third state is zoned too: the step loop"

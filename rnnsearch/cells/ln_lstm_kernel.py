@@ -97,6 +97,11 @@ def build_dir() -> Path:
     return cache_dir().parent / "ext" / extension_name()
 
 
+def is_loaded() -> bool:
+    """Whether this process has the extension loaded already (a sweep worker's later trials: nothing to pay)."""
+    return _ext is not None
+
+
 def is_built() -> bool:
     """Whether this process has the extension loaded, or the shared cache holds a build for this machine and PyTorch."""
     return _ext is not None or (build_dir() / f"{extension_name()}.so").exists()

@@ -39,10 +39,12 @@ VARIANTS = {"vanilla": 0, "NP": 0, "NIG": 1, "NFG": 2, "NOG": 3, "NIAF": 4, "NOA
 WORKSPACE = Workspace()  # its own: a model with ln_lstm and lstm layers keeps both kernels' buffers
 
 
-def _saved_shapes(batch: int, steps: int, hidden: int, fgr: bool) -> list[tuple[int, ...]]:
+def _saved_shapes(batch: int, steps: int, hidden: int, fgr: bool, zoned: bool) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c); FGR: the gate state s_{t-1} and s_T
-    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H), *([(T + 1, B, 3 * H)] if fgr else [])]
+    # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c); FGR: the gate state s_{t-1} and s_T (else none);
+    # zoneout: the cell before zoning (else none)
+    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H), (T + 1, B, 3 * H) if fgr else (0,),
+            (T, B, H) if zoned else (0,)]
 
 
 class LSTMSequence(torch.autograd.Function):
@@ -50,37 +52,38 @@ class LSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, W_gr: Tensor, w_ci: Tensor,
-                w_cf: Tensor, w_co: Tensor, valid: Tensor, forget_bias: float, cell_clip: float, variant: int
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor, forget_bias: float,
+                cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
         B, T, _ = XP.shape
-        fgr = W_gr.numel() > 0
-        bufs = WORKSPACE.take(_saved_shapes(B, T, h0.shape[1], fgr), XP)
-        if not fgr:
-            bufs.append(XP.new_empty(0))  # no gate state
+        shapes = _saved_shapes(B, T, h0.shape[1], W_gr.numel() > 0, Zh.numel() > 0)
+        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], XP)
+        saved = [bufs.pop(0) if s != (0,) else XP.new_empty(0) for s in shapes]  # Hprev, Cprev, Acts, Tc, S, Cnew
         W_hh, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, W_gr, w_ci, w_cf, w_co))
         out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
                                            float(forget_bias), float(cell_clip), int(variant), s0.contiguous(), W_gr,
-                                           *bufs)
-        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, *bufs)
+                                           *saved[:5], Zh, Zc, saved[5])
+        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, *saved)
         ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
-        WORKSPACE.give_when_freed(ctx, bufs[:5] if fgr else bufs[:4])
+        WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
         return out, hT, cT, sT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor, dsT: Tensor) -> tuple[Optional[Tensor], ...]:
-        W_hh, W_gr, w_ci, w_cf, w_co, valid, *bufs = ctx.saved_tensors
-        T, B, H = bufs[0].shape
+        W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, *saved = ctx.saved_tensors
+        T, B, H = saved[0].shape
         fgr = W_gr.numel() > 0
         work = WORKSPACE.take([(T, B, W_hh.shape[0]), *([(T, B, 3 * H)] if fgr else [])], W_hh,
                               fresh_drops_others=False)  # work buffers: back right after
         dQ = work[1] if fgr else W_hh.new_empty(0)
         dXP, dh0, dc0, dW, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
-            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *bufs, valid, work[0], dQ)
+            dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
+            saved[5], valid, work[0], dQ)
         WORKSPACE.give(work)
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
-        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dWgr if fgr else None, *peep, None, None, None, None)
+        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dWgr if fgr else None, *peep, None, None, None, None, None,
+                None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -100,18 +103,30 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
             and dtype == torch.float32 and amp is None and ln_lstm_kernel._failed is None)
 
 
-def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
-                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
+                     zoneout: Optional[tuple[float, float, bool]] = None
+                     ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
+    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path).
+
+    ``zoneout``: ``(h_prob, c_prob, training)`` of a :class:`~rnnsearch.cells.wrappers.ZoneoutWrapper` around the
+    cell (not FGR), whose sequence this then is: each unit's draw keeps its previous state in training (one
+    uniform draw per unit and step, as the wrapper's step loop draws them), the probability mixes it in eval.
+    """
     inputs = ln_lstm_kernel.sequence_inputs(cell, x, state, lengths, applies)
-    if inputs is None:
+    if inputs is None or (zoneout is not None and cell.variant == "FGR"):
         return None
     state, valid = inputs
-    XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
     none = x.new_empty(0)
+    zh = zc = none
+    if zoneout is not None:
+        shape = (x.shape[1], x.shape[0], cell.hidden_size)  # (T, B, H)
+        h_prob, c_prob, training = zoneout
+        zh, zc = ((torch.rand(shape) < p).float() if training else torch.full(shape, float(p))
+                  for p in (h_prob, c_prob))
+    XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
     out, hT, cT, sT = LSTMSequence.apply(XP, state[0], state[1], state[2] if fgr else none, cell.weight_hh,
-                                         cell.weight_gr if fgr else none, *peep, valid, cell.forget_bias,
+                                         cell.weight_gr if fgr else none, *peep, valid, zh, zc, cell.forget_bias,
                                          cell.cell_clip or 0.0, VARIANTS[cell.variant])
     return out, ((hT, cT, sT) if fgr else (hT, cT))

@@ -9,9 +9,10 @@ Krueger et al. 2016 for zoneout. Each is identity-free of randomness at eval.
 
 A wrapper that acts on a sequence's inputs and outputs only (``dropout`` without state dropout,
 ``residual``, ``device``) also runs a whole training sequence through the wrapped cell's fused kernel
-(``kernel_sequence``) where that cell has one, applying itself before and after; ``zoneout`` and state
-dropout act inside the recurrence, so they run the step loop. A subclass that redefines a step method
-(``project_input``, ``recur``, ``start_sequence``) runs the step loop too.
+(``kernel_sequence``) where that cell has one, applying itself before and after. ``zoneout`` acts inside the
+recurrence: around a bare ``lstm`` its kernel zones the state itself; around anything else, and state dropout
+always, the step loop runs. A subclass that redefines a step method (``project_input``, ``recur``,
+``start_sequence``) runs the step loop too.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import Tensor
 from rnnsearch.errors import ConfigError, check_bool, check_keep_prob
 from rnnsearch.registry import Registry, check_options
 
+from . import lstm_kernel
 from .base import RNNCell, State, _owner, step_masks
 
 WRAPPERS: Registry[type["CellWrapper"]] = Registry(
@@ -319,6 +321,17 @@ class ZoneoutWrapper(CellWrapper):
             keep_old = (torch.rand_like(new, dtype=torch.float32) < p).to(new.dtype)
             return torch.lerp(new, old, keep_old)
         return torch.lerp(new, old, p)
+
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        # around a bare lstm (not FGR, whose third state the kernel would not zone), lstm's kernel zones the state
+        cls = type(self)
+        return (all(_owner(cls, m) is _owner(ZoneoutWrapper, m)
+                    for m in ("project_input", "recur", "start_sequence", "_zone", "kernel_sequence"))
+                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps) and self.cell.variant != "FGR")
+
+    def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
+        return lstm_kernel.forward_sequence(self.cell, x, state, lengths,
+                                            zoneout=(self.h_prob, self.c_prob, self.training))
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         out, new_state = self.cell.recur(xp_t, state)

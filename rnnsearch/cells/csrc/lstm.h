@@ -47,17 +47,23 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 // Fills the saved tensors (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
 // i, f, g, o, a dropped gate's constant included; Tc (T, B, H): tanh of the new cell, or the cell under NOAF)
 // and returns out (B, T, H), hT, cT, sT. FGR only (else all empty): s0 (B, 3H), W_gr (3H, 3H), and the saved
-// S (T + 1, B, 3H): s_{t-1}, then s_T.
+// S (T + 1, B, 3H): s_{t-1}, then s_T. Zoneout only (else all empty): Zh, Zc (T, B, H), how much of the previous
+// h and c each unit keeps (a 0/1 draw in training, the probability in eval): state = new + z (previous - new),
+// the output the zoned h; and the saved Cnew (T, B, H), the cell before zoning (Cprev then holds the zoned one).
 std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                      const at::Tensor& w_co, const at::Tensor& valid, double forget_bias,
                                      double cell_clip, int64_t variant, const at::Tensor& s0,
                                      const at::Tensor& W_gr, const at::Tensor& Hprev, const at::Tensor& Cprev,
-                                     const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S) {
+                                     const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S,
+                                     const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew) {
   for (auto* p : {&XP, &h0, &c0, &W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
+  const bool zoned = Zh.numel() > 0;
+  if (zoned)
+    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
@@ -106,6 +112,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
           const float* r2 = S::gate_rec ? r2_p + b * 3 * H : nullptr;  // s_{t-1} W_gr^T: i, f, o
           float* sn = S::gate_rec ? s_all + ((t + 1) * B + b) * 3 * H : nullptr;
           float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
+          const int64_t zrow = (t * B + b) * H;  // this row's zoneout draws and pre-zoning cell
+          const float *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr,
+                      *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr, *hpb = hp + b * H;
+          float* cwb = zoned ? Cnew.data_ptr<float>() + zrow : nullptr;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
             auto pre = [&](int block) { return ld(xp + block * H + k, tag) + ld(r + block * H + k, tag); };
@@ -146,6 +156,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
             st(acb + H + k, sf);
             st(acb + 2 * H + k, tg);
             st(acb + 3 * H + k, so);
+            if (zoned) {  // the state keeps part of the previous one; the output is the zoned h
+              st(cwb + k, cnew);
+              cnew = cnew + ld(zc + k, tag) * (cprev - cnew);
+              h = h + ld(zh + k, tag) * (ld(hpb + k, tag) - h);
+            }
             st(cnb + k, cnew);
             st(tcb + k, tc);
             st(hnb + k, h);
@@ -160,19 +175,24 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
 
 // Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dw_ci, dw_cf, dw_co (each peephole's gradient is
 // zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). dR (T, B, nH) and, for FGR, dQ (T, B,
-// 3H) are work buffers; the saved tensors are left as they were. Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
+// 3H) are work buffers; the saved tensors are left as they were. Zoneout: Zh, Zc and Cnew as in lstm_forward
+// (else empty); the part of h's gradient a unit keeps goes straight to the previous step (Carry, (B, H)). Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
 // exactly ±cell_clip unclipped).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                       const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                       const at::Tensor& w_co, double cell_clip, int64_t variant,
                                       const at::Tensor& dsT, const at::Tensor& W_gr, const at::Tensor& Hprev,
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
-                                      const at::Tensor& S, const at::Tensor& valid, const at::Tensor& dR,
+                                      const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
+                                      const at::Tensor& Cnew, const at::Tensor& valid, const at::Tensor& dR,
                                       const at::Tensor& dQ) {
   for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc, &dR}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
+  const bool zoned = Zh.numel() > 0;
+  if (zoned)
+    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = W_hh.size(0);
@@ -186,6 +206,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   // FGR: the gradient of the gate state s_t, (B, 3H), carried backwards like dH
   at::Tensor dS = fgr ? dsT.contiguous().clone() : at::empty({0}, opts), dSn = at::empty({fgr ? B : 0, 3 * H}, opts);
   float* dq_all = fgr ? dQ.data_ptr<float>() : nullptr;
+  at::Tensor Carry = at::empty({zoned ? B : 0, H}, opts);  // zoneout: h's gradient that skips the step
+  float* carry = Carry.data_ptr<float>();
   const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
               *wco = po ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
@@ -213,8 +235,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           }
           const float* dsb = S::gate_rec ? ds + b * 3 * H : nullptr;  // into this step's [i f o]
           float* dqb = S::gate_rec ? dq + b * 3 * H : nullptr;
-          const float *acb = ac + b * 4 * H, *cpb = cp + b * H, *cnb = cn + b * H, *tcb = tcp + b * H,
-                      *dob = do_p + (b * T + t) * H;
+          const int64_t zrow = (t * B + b) * H;
+          const float *acb = ac + b * 4 * H, *cpb = cp + b * H, *tcb = tcp + b * H, *dob = do_p + (b * T + t) * H,
+                      *cnb = zoned ? Cnew.data_ptr<float>() + zrow : cn + b * H,  // the cell before zoning
+                      *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr, *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr;
+          float* cab = zoned ? carry + b * H : nullptr;
           float *dhb = dh + b * H, *dcb = dc + b * H;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
@@ -224,8 +249,16 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             };
             Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
                so = ld(acb + 3 * H + k, tag), tc = ld(tcb + k, tag), cprev = ld(cpb + k, tag);
-            Tp d = ld(dhb + k, tag) + ld(dob + k, tag);
-            Tp dcn = ld(dcb + k, tag) + (S::act_c ? d * so * (Tp(1.f) - tc * tc) : d * so);
+            Tp d = ld(dhb + k, tag) + ld(dob + k, tag), dcin = ld(dcb + k, tag), dckeep(0.f);
+            if (zoned) {  // state = new + z (previous - new): (1 - z) of the gradient to the new, z to the previous
+              Tp z = ld(zh + k, tag);
+              st(cab + k, z * d);
+              d = d - z * d;
+              z = ld(zc + k, tag);
+              dckeep = z * dcin;
+              dcin = dcin - dckeep;
+            }
+            Tp dcn = dcin + (S::act_c ? d * so * (Tp(1.f) - tc * tc) : d * so);
             Tp dpo(0.f);
             if constexpr (S::has_o) {
               Tp dso = d * tc;
@@ -234,7 +267,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
               if (po) dcn = dcn + dpo * ld(wco + k, tag);
             }
             if (clipped) dcn = where_unclipped(dcn, ld(cnb + k, tag), cc);  // zero where the clip held it
-            Tp dcp = dcn * sf;
+            Tp dcp = dcn * sf + dckeep;
             if constexpr (S::has_i) {
               Tp dsi = dcn * tg;
               if constexpr (S::coupled) dsi = dsi - dcn * cprev;  // f = 1 - i
@@ -269,8 +302,14 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         }
       });
       gemm_cols(dr, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+      float* dhn = dHn.data_ptr<float>();
+      if (zoned)  // the kept part of h's gradient, past the step
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+          for (int64_t b = b0; b < b1; ++b)
+            if (!masked || vp[t * B + b])
+              lanes(H, [&](auto* tag, int64_t k) { st(dhn + b * H + k, ld(dhn + b * H + k, tag) + ld(carry + b * H + k, tag)); });
+        });
       if (masked) {  // rows past their length carry dh unchanged
-        float* dhn = dHn.data_ptr<float>();
         for (int64_t b = 0; b < B; ++b)
           if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
       }
