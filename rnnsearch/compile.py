@@ -40,9 +40,10 @@ compiled graphs (inductor's FX-graph and AOTAutograd caches). A marker file
 per compiled cell signature records that a warm compile exists.
 
 *Two cells have their own kernels*: where the compiled path runs, a float32 CPU training sequence of
-``ln_lstm`` or of a vanilla ``lstm`` without projection runs a hand-written fused forward and backward
+``ln_lstm`` or of an ``lstm`` without projection (any variant), bare or under wrappers that act outside the
+recurrence (and ``lstm`` under zoneout), runs a hand-written fused forward and backward
 (:mod:`rnnsearch.cells.ln_lstm_kernel`, :mod:`rnnsearch.cells.lstm_kernel`) instead of inductor's graphs
-(docs/performance.md). One extension holds both; it is built once per machine and PyTorch version (about a
+(docs/performance.md; ``RNNCell.kernel_applies``). One extension holds both; it is built once per machine and PyTorch version (about a
 minute), whatever the cells' shapes.
 
 *How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the
@@ -153,7 +154,7 @@ def compiler_available(device_type: str) -> bool:
 
 def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_shapes: int,
            device_type: str, available: bool = True, kernel_cells: int = 0, kernel_built: bool = False,
-           kernel_loaded: bool = False) -> Decision:
+           kernel_loaded: bool = False, kernel_steps: Optional[int] = None) -> Decision:
     """Whether a trial compiles its cell-by-cell path: a pure function of the budget and the cache.
 
     Args:
@@ -172,6 +173,7 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
             load it) or must be built first, once per machine and PyTorch version
             (:data:`~rnnsearch.cells.ln_lstm_kernel.BUILD_S`).
         kernel_loaded: whether this process has loaded it already (free: a sweep worker's later trials).
+        kernel_steps: the part of ``recur_steps`` the kernel cells run (None: their share of the cells).
     """
     mode = compile_mode(mode)
     if mode == "false":
@@ -188,8 +190,9 @@ def decide(mode: str, *, cells: int, recur_steps: int, new_shapes: int, cached_s
 
     kernel_s = 0.0 if not kernel_cells or kernel_loaded else LOAD_S if kernel_built else BUILD_S
     cost = new_shapes * c.cold_s + cached_shapes * c.warm_s + kernel_s
-    kernel_share = kernel_cells / cells  # recurrent steps run by kernel cells save more than compiled chunks
-    saving = recur_steps * ((1 - kernel_share) * c.saving_s + kernel_share * c.kernel_saving_s)
+    if kernel_steps is None:
+        kernel_steps = recur_steps * kernel_cells // cells
+    saving = (recur_steps - kernel_steps) * c.saving_s + kernel_steps * c.kernel_saving_s  # a kernel step saves more
     verdict = saving > MARGIN * cost
     state = "loaded" if kernel_loaded else "built" if kernel_built else "to build"
     builds = f"; fused CPU kernels {state}" if kernel_cells else ""
@@ -425,8 +428,10 @@ def prepare(model: nn.Module, mode: Any, *, optimizer_steps: int, seq_len: int, 
         else:
             new += 1
         seen.add(sig)
-    full_chunks = seq_len // chunk * chunk
-    decision = decide(mode, cells=len(cells), recur_steps=optimizer_steps * full_chunks * len(cells),
+    full_chunks = seq_len // chunk * chunk  # what compiled chunks run; a kernel runs every step
+    kernel_steps = optimizer_steps * seq_len * kernels
+    decision = decide(mode, cells=len(cells), kernel_steps=kernel_steps,
+                      recur_steps=optimizer_steps * full_chunks * (len(cells) - kernels) + kernel_steps,
                       new_shapes=new, cached_shapes=cached, device_type=dev,
                       available=compile_mode(mode) == "false" or not cells or compiler_available(dev),
                       kernel_cells=kernels, kernel_built=kernels > 0 and ln_lstm_kernel.is_built(),

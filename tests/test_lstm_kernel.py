@@ -257,3 +257,14 @@ def test_training_peephole_lstm_with_compile_true_runs_the_kernel():
     assert runner.kernel_calls == 6 and runner.compiled_calls == 0  # 3 batches x 2 epochs; nothing for inductor
     assert "cell(s) run a fused CPU kernel" in seen.info["compile"]
     assert result["test/mse"] == result["test/mse"]  # finite, not NaN
+
+
+def test_auto_runs_a_loaded_kernel_even_for_sequences_shorter_than_a_chunk(monkeypatch):
+    """A kernel runs every step (compiled chunks only full chunks): a loaded one costs nothing, so auto takes it."""
+    model = build_model({"cell": {"name": "lstm", "use_peepholes": True}, "model": {"hidden_size": 8}}, 2, 1)
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("torch.compile was called"))
+    monkeypatch.setattr(ln_lstm_kernel, "is_loaded", lambda: True)
+    decision = compiling.prepare(model, "auto", optimizer_steps=10, seq_len=12, batch_size=4, masked=False,
+                                 device="cpu")
+    assert decision.compile and "1 cell(s) run a fused CPU kernel" in decision.reason
+    assert "budget of 120 recurrent steps" in decision.reason

@@ -500,7 +500,8 @@ def test_training_with_compile_true_uses_the_compiled_loop(cache, monkeypatch):
 
 @pytest.mark.parametrize("overrides, expected", [
     (["cell=ln_lstm", "model.compile=false"], "cell-by-cell path, on cpu (eager: model.compile=false)"),
-    (["cell=ln_lstm", "model.compile=auto"], "cell-by-cell path, on cpu (eager: budget of"),
+    # (no kernel cell: once this process has loaded the kernels, auto takes them for any budget)
+    (["cell=lstm", "cell.activation=relu", "model.compile=auto"], "cell-by-cell path, on cpu (eager: budget of"),
     (["cell=lstm"], "fused torch.nn path, on cpu\n"),
 ])
 def test_the_epoch_printer_says_which_path_runs_and_why(overrides, expected):

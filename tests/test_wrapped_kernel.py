@@ -230,6 +230,11 @@ def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(option
     assert abs(zh.mean().item() - 0.3) < 0.05 and abs(zc.mean().item() - 0.6) < 0.05
     exact = _zoned_reference(reference, x, lengths, zh, zc)
     _assert_same(exact, fused, 5e-5)
+    out = fused[0]  # (B, T, H); a unit that keeps its h outputs the previous step's value exactly, as torch.lerp's
+    steps = torch.arange(T)
+    valid = steps.unsqueeze(0) < (lengths if lengths is not None else torch.full((B,), T)).unsqueeze(1)  # (B, T)
+    kept = zh.permute(1, 0, 2)[:, 1:].bool() & valid[:, 1:, None]
+    assert kept.any() and torch.equal(out[:, 1:][kept], out[:, :-1][kept])
 
 
 def test_zoneout_at_eval_with_grad_matches_the_step_loop():
@@ -252,3 +257,15 @@ def test_which_zoneout_stacks_run_the_kernel(wrappers, cell, kernel):
     assert wrapped.kernel_applies("cpu", torch.float32, None, T) is kernel
     fgr = _wrapped([{"name": "zoneout"}], variant="FGR")
     assert not fgr.kernel_applies("cpu", torch.float32, None, T), "FGR's third state is zoned too: the step loop"
+
+
+def test_zoneout_in_eval_under_a_float64_default_dtype_still_runs_the_float32_kernel():
+    cell = _wrapped([{"name": "zoneout"}]).eval()
+    cell.sequence_runner = ChunkRunner(4)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        out = cell.forward_sequence(torch.randn(B, T, H, dtype=torch.float32))[0]
+    finally:
+        torch.set_default_dtype(default)
+    assert cell.sequence_runner.kernel_calls == 1 and out.dtype == torch.float32

@@ -121,8 +121,8 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
     if zoneout is not None:
         shape = (x.shape[1], x.shape[0], cell.hidden_size)  # (T, B, H)
         h_prob, c_prob, training = zoneout
-        zh, zc = ((torch.rand(shape) < p).float() if training else torch.full(shape, float(p))
-                  for p in (h_prob, c_prob))
+        zh, zc = ((torch.rand(shape, dtype=torch.float32) < p).float() if training
+                  else torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
     XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"

@@ -99,7 +99,7 @@ class CellWrapper(RNNCell):
     def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
         # only a wrapper class that writes its own kernel_sequence, with the step methods it was written for
         cls, owner = type(self), _owner(type(self), "kernel_sequence")
-        return (owner is not CellWrapper and self.acts_outside_recurrence()
+        return (owner is not RNNCell and self.acts_outside_recurrence()
                 and all(_owner(cls, m) is _owner(owner, m) for m in ("project_input", "recur", "start_sequence"))
                 and self.cell.kernel_applies(device_type, dtype, amp, steps))
 
@@ -327,6 +327,7 @@ class ZoneoutWrapper(CellWrapper):
         cls = type(self)
         return (all(_owner(cls, m) is _owner(ZoneoutWrapper, m)
                     for m in ("project_input", "recur", "start_sequence", "_zone", "kernel_sequence"))
+                and self.cell.kernel_applies(device_type, dtype, amp, steps)
                 and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps) and self.cell.variant != "FGR")
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
