@@ -21,7 +21,7 @@ from conftest import TINY, assert_close, compose_config
 from rnnsearch import build_model, create_wrapper, train
 from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback
-from rnnsearch.cells import create_cell
+from rnnsearch.cells import create_cell, lstm_kernel
 from rnnsearch.cells.base import RNNCell
 from rnnsearch.cells.wrappers import DropoutWrapper
 from rnnsearch.compile import ChunkRunner
@@ -220,13 +220,13 @@ def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(option
         cell.cell.weight_ih.mul_(4.0)  # large enough for the clip to bite
     reference = copy.deepcopy(cell.cell).double()
     cell.sequence_runner = ChunkRunner(4)
-    draws, rand = [], torch.rand
-    monkeypatch.setattr(torch, "rand", lambda *a, **k: draws.append(rand(*a, **k)) or draws[-1])
+    draws, draw = [], lstm_kernel.zoneout_draws
+    monkeypatch.setattr(lstm_kernel, "zoneout_draws", lambda *a: draws.append(draw(*a)) or draws[-1])
     x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
     fused = _run(cell, x, lengths)
     assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0
-    zh, zc = ((d < p).float() for d, p in zip(draws, (0.3, 0.6)))
-    assert [tuple(d.shape) for d in draws] == [(T, B, H)] * 2, "one draw per unit and step, for h and for c"
+    ((zh, zc),) = draws
+    assert zh.shape == zc.shape == (T, B, H), "one draw per unit and step, for h and for c"
     assert abs(zh.mean().item() - 0.3) < 0.05 and abs(zc.mean().item() - 0.6) < 0.05
     exact = _zoned_reference(reference, x, lengths, zh, zc)
     _assert_same(exact, fused, 5e-5)
@@ -269,3 +269,23 @@ def test_zoneout_in_eval_under_a_float64_default_dtype_still_runs_the_float32_ke
     finally:
         torch.set_default_dtype(default)
     assert cell.sequence_runner.kernel_calls == 1 and out.dtype == torch.float32
+
+
+def test_zoneouts_draws_are_reproducible_independent_and_at_their_rate():
+    """torch.manual_seed reproduces them; h's and c's, steps and units are independent; each at its probability."""
+    shape = (50, 64, 37)
+    torch.manual_seed(5)
+    zh, zc = lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
+    torch.manual_seed(5)
+    again = lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
+    assert torch.equal(zh, again[0]) and torch.equal(zc, again[1])
+    assert not torch.equal(lstm_kernel.zoneout_draws(shape, 0.05, 0.5)[1], zc), "a new seed, new draws"
+    n = zh.numel()  # 118,400: the rates within 5 standard deviations
+    assert abs(zh.mean().item() - 0.05) < 5 * (0.05 * 0.95 / n) ** 0.5
+    assert abs(zc.mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
+    assert set(zh.unique().tolist()) == {0.0, 1.0}
+    both = (zh * zc).mean().item()  # independent: P(both) = 0.025
+    assert abs(both - 0.025) < 5 * (0.025 * 0.975 / n) ** 0.5
+    lag = (zc[1:] * zc[:-1]).mean().item()  # step t and t+1 independent: 0.25
+    assert abs(lag - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5
+    assert lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[0].sum() == 0 and lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[1].all()

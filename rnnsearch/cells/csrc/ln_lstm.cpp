@@ -245,4 +245,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("lstm_backward", &lstm_backward, "lstm sequence backward (float32, CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("zoneout_draws", &zoneout_draws, "zoneout's 0/1 draws for a (T, B, H) sequence",
+        py::call_guard<py::gil_scoped_release>());
 }

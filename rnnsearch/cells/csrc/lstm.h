@@ -336,3 +336,26 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
   return {dXP, dH, dC, dW, p[0], p[1], p[2], dS, dWgr};
 }
+
+// Zoneout's draws for a (T, B, H) sequence: 1 where a unit keeps its previous h (probability ph) or c (pc), else
+// 0. splitmix64's stream from the seed, one 64-bit value per unit and step (its top 24 bits h's uniform, the next
+// 24 c's), so the draws are the same on any number of threads; several times faster than torch.rand's.
+std::vector<at::Tensor> zoneout_draws(int64_t seed, int64_t T, int64_t B, int64_t H, double ph, double pc) {
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  at::Tensor Zh = at::empty({T, B, H}, opts), Zc = at::empty({T, B, H}, opts);
+  float *zh = Zh.data_ptr<float>(), *zc = Zc.data_ptr<float>();
+  const uint64_t s = static_cast<uint64_t>(seed);
+  const uint64_t th = static_cast<uint64_t>(std::llround(ph * 16777216.0)),  // p in units of 2^-24
+      tc = static_cast<uint64_t>(std::llround(pc * 16777216.0));
+  at::parallel_for(0, T * B * H, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      uint64_t x = s + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
+      x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+      x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+      x ^= x >> 31;
+      zh[i] = (x >> 40) < th ? 1.f : 0.f;
+      zc[i] = ((x >> 16) & 0xFFFFFFull) < tc ? 1.f : 0.f;
+    }
+  });
+  return {Zh, Zc};
+}
