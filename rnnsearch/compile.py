@@ -43,8 +43,8 @@ per compiled cell signature records that a warm compile exists.
 ``ln_lstm`` or of an ``lstm`` without projection (any variant), bare or under wrappers that act outside the
 recurrence (and ``lstm`` under zoneout), runs a hand-written fused forward and backward
 (:mod:`rnnsearch.cells.ln_lstm_kernel`, :mod:`rnnsearch.cells.lstm_kernel`) instead of inductor's graphs
-(docs/performance.md; ``RNNCell.kernel_applies``). One extension holds both; it is built once per machine and PyTorch version (about a
-minute), whatever the cells' shapes.
+(docs/performance.md; ``RNNCell.kernel_applies``). One extension holds both; it is built once per machine and
+PyTorch version (about a minute), whatever the cells' shapes.
 
 *How ``auto`` decides* (:func:`decide`, a pure function): compiling pays when the
 training budget's recurrent steps (optimizer steps × sequence length × cells)
