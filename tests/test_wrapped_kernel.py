@@ -50,10 +50,17 @@ def _run(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], seed: 
     x = x.clone().requires_grad_()
     cell.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    out, (h, c) = cell.forward_sequence(x, None, lengths)
+    out, final = cell.forward_sequence(x, None, lengths)
+    h, c = final[0], final[1]
     w = torch.linspace(-1, 1, out.numel()).view_as(out)
-    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
-    return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    loss = (out * w).sum() + (h * h).sum() + 0.3 * c.sum()
+    if len(final) == 3:  # FGR's gate state
+        loss = loss + (final[2] * torch.linspace(-1, 1, final[2].numel()).view_as(final[2])).sum()
+    loss.backward()
+    grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    if len(final) == 3:
+        grads["final gate state (the value)"] = final[2].detach()  # checked with the gradients
+    return out.detach(), h.detach(), c.detach(), grads
 
 
 def _both(wrappers: list[dict[str, Any]], lengths: Optional[torch.Tensor], cell: str = "lstm", **options: Any):
@@ -122,11 +129,12 @@ class DoubledDropout(DropoutWrapper):
         return 2 * out, new_state
 
 
-@pytest.mark.parametrize("case", ["zoneout-ln_lstm", "state-dropout", "subclass", "gru"])
+@pytest.mark.parametrize("case", ["zoneout-ln_lstm", "state-dropout-ln_lstm", "subclass", "gru"])
 def test_wrappers_that_act_inside_the_recurrence_keep_the_step_loop(case):
-    wrappers = {"zoneout-ln_lstm": [{"name": "zoneout"}], "state-dropout": [{"name": "dropout", "state_keep_prob": 0.8}],
+    wrappers = {"zoneout-ln_lstm": [{"name": "zoneout"}],
+                "state-dropout-ln_lstm": [{"name": "dropout", "state_keep_prob": 0.8}],
                 "subclass": [], "gru": [{"name": "dropout", "output_keep_prob": 0.8}]}[case]
-    cell = _wrapped(wrappers, {"gru": "gru", "zoneout-ln_lstm": "ln_lstm"}.get(case, "lstm"))
+    cell = _wrapped(wrappers, {"gru": "gru", "subclass": "lstm"}.get(case, "ln_lstm"))
     if case == "subclass":
         cell = DoubledDropout(cell)
     cell.sequence_runner = ChunkRunner(4)
@@ -289,3 +297,53 @@ def test_zoneouts_draws_are_reproducible_independent_and_at_their_rate():
     lag = (zc[1:] * zc[:-1]).mean().item()  # step t and t+1 independent: 0.25
     assert abs(lag - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5
     assert lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[0].sum() == 0 and lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[1].all()
+
+
+@pytest.mark.parametrize("options", [{"use_peepholes": True}, {"variant": "FGR"}], ids=["peepholes", "FGR"])
+def test_variational_state_dropout_around_lstm_runs_the_kernel_and_matches_the_step_loop(options):
+    """The state's mask is drawn in start_sequence by both routes: the same results to float32 rounding."""
+    wrappers = [{"name": "dropout", "state_keep_prob": 0.6, "output_keep_prob": 0.8, "input_keep_prob": 0.9,
+                 "variational_recurrent": True}]
+    loop, fused, runner = _both(wrappers, LENGTHS, **options)
+    assert runner.kernel_calls == 1 and runner.compiled_calls == 0
+    _assert_same(loop, fused)
+    assert (fused[1] == 0).any(), "the final state is the dropped h"
+
+
+def _state_dropped_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], mult: torch.Tensor):
+    """TF's state dropout, step by step in float64: the h passed on is h * mult[t]; the output is h."""
+    x = x.double().clone().requires_grad_()
+    cell.zero_grad(set_to_none=True)
+    h, c = cell.zero_state(x.shape[0], dtype=torch.float64)
+    xp, outs = cell.project_input(x), []
+    for t in range(x.shape[1]):
+        out, (h_new, c_new) = cell.recur(xp[:, t], (h, c))
+        h_new = h_new * mult[t].double()
+        if lengths is not None:
+            v = (t < lengths).unsqueeze(1)
+            h_new, c_new, out = torch.where(v, h_new, h), torch.where(v, c_new, c), out.masked_fill(~v, 0.0)
+        outs.append(out)
+        h, c = h_new, c_new
+    out = torch.stack(outs, 1)
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
+    return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{f"cell.{n}": p.grad for n, p in cell.named_parameters()}}
+
+
+def test_per_step_state_dropout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(monkeypatch):
+    """Training with a fresh state mask each step: the kernel's own multipliers (recorded) in a float64 step loop."""
+    torch.manual_seed(0)
+    cell = create_wrapper("dropout", create_cell("lstm", input_size=H, hidden_size=H, use_peepholes=True),
+                          state_keep_prob=0.7)
+    reference = copy.deepcopy(cell.cell).double()
+    cell.sequence_runner = ChunkRunner(4)
+    seen, multipliers = [], DropoutWrapper._state_multipliers
+    monkeypatch.setattr(DropoutWrapper, "_state_multipliers", lambda self, *a: seen.append(multipliers(self, *a))
+                        or seen[-1])
+    x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+    fused = _run(cell, x, LENGTHS)
+    assert cell.sequence_runner.kernel_calls == 1
+    (mult,) = seen
+    assert mult.shape == (T, B, H) and mult.unique().tolist() == pytest.approx([0.0, 1 / 0.7])
+    assert abs((mult > 0).float().mean().item() - 0.7) < 0.05 and not torch.equal(mult[0], mult[1])
+    _assert_same(_state_dropped_reference(reference, x, LENGTHS, mult), fused, 5e-5)

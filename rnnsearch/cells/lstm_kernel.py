@@ -52,7 +52,7 @@ class LSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, W_gr: Tensor, w_ci: Tensor,
-                w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor, forget_bias: float,
+                w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor, Mh: Tensor, forget_bias: float,
                 cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
         B, T, _ = XP.shape
@@ -62,8 +62,8 @@ class LSTMSequence(torch.autograd.Function):
         W_hh, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, W_gr, w_ci, w_cf, w_co))
         out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
                                            float(forget_bias), float(cell_clip), int(variant), s0.contiguous(), W_gr,
-                                           *saved[:5], Zh, Zc, saved[5])
-        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, *saved)
+                                           *saved[:5], Zh, Zc, saved[5], Mh)
+        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved)
         ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
         WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
         return out, hT, cT, sT
@@ -71,7 +71,7 @@ class LSTMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor, dsT: Tensor) -> tuple[Optional[Tensor], ...]:
-        W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, *saved = ctx.saved_tensors
+        W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved = ctx.saved_tensors
         T, B, H = saved[0].shape
         fgr = W_gr.numel() > 0
         work = WORKSPACE.take([(T, B, W_hh.shape[0]), *([(T, B, 3 * H)] if fgr else [])], W_hh,
@@ -79,11 +79,11 @@ class LSTMSequence(torch.autograd.Function):
         dQ = work[1] if fgr else W_hh.new_empty(0)
         dXP, dh0, dc0, dW, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
-            saved[5], valid, work[0], dQ)
+            saved[5], Mh, valid, work[0], dQ)
         WORKSPACE.give(work)
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
         return (dXP, dh0, dc0, ds0 if fgr else None, dW, dWgr if fgr else None, *peep, None, None, None, None, None,
-                None)
+                None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -115,17 +115,18 @@ def zoneout_draws(shape: tuple[int, int, int], h_prob: float, c_prob: float) -> 
 
 
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
-                     zoneout: Optional[tuple[float, float, bool]] = None
+                     zoneout: Optional[tuple[float, float, bool]] = None, state_dropout: Optional[Tensor] = None
                      ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
     """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path).
 
     ``zoneout``: ``(h_prob, c_prob, training)`` of a :class:`~rnnsearch.cells.wrappers.ZoneoutWrapper` around the
     cell (not FGR), whose sequence this then is: each unit's draw keeps its previous state in training (one
     draw per unit and step, as the wrapper's step loop draws them: :func:`zoneout_draws`), the probability mixes
-    it in eval.
+    it in eval. ``state_dropout``: ``(T, B, H)`` multipliers (0 or 1 / keep) of the ``h`` passed on as state, from a
+    :class:`~rnnsearch.cells.wrappers.DropoutWrapper`'s ``state_keep_prob`` (the output is the ``h`` before them).
     """
     inputs = ln_lstm_kernel.sequence_inputs(cell, x, state, lengths, applies)
-    if inputs is None or (zoneout is not None and cell.variant == "FGR"):
+    if inputs is None or (zoneout is not None and (cell.variant == "FGR" or state_dropout is not None)):
         return None
     state, valid = inputs
     none = x.new_empty(0)
@@ -141,6 +142,7 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
     out, hT, cT, sT = LSTMSequence.apply(XP, state[0], state[1], state[2] if fgr else none, cell.weight_hh,
-                                         cell.weight_gr if fgr else none, *peep, valid, zh, zc, cell.forget_bias,
+                                         cell.weight_gr if fgr else none, *peep, valid, zh, zc,
+                                         none if state_dropout is None else state_dropout.contiguous(), cell.forget_bias,
                                          cell.cell_clip or 0.0, VARIANTS[cell.variant])
     return out, ((hT, cT, sT) if fgr else (hT, cT))

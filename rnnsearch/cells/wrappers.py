@@ -9,9 +9,9 @@ Krueger et al. 2016 for zoneout. Each is identity-free of randomness at eval.
 
 A wrapper that acts on a sequence's inputs and outputs only (``dropout`` without state dropout,
 ``residual``, ``device``) also runs a whole training sequence through the wrapped cell's fused kernel
-(``kernel_sequence``) where that cell has one, applying itself before and after. ``zoneout`` acts inside the
-recurrence: around a bare ``lstm`` its kernel zones the state itself; around anything else, and state dropout
-always, the step loop runs. A subclass that redefines a step method (``project_input``, ``recur``,
+(``kernel_sequence``) where that cell has one, applying itself before and after. ``zoneout`` and state dropout
+act inside the recurrence: around a bare ``lstm`` its kernel zones, or drops, the state itself; around anything
+else the step loop runs. A subclass that redefines a step method (``project_input``, ``recur``,
 ``start_sequence``) runs the step loop too.
 """
 
@@ -169,12 +169,36 @@ class DropoutWrapper(CellWrapper):
     def acts_outside_recurrence(self) -> bool:
         return self.state_keep_prob >= 1.0 or not self.training
 
+    def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
+        if self.acts_outside_recurrence():
+            return super().kernel_applies(device_type, dtype, amp, steps)
+        # state dropout: around a bare lstm, lstm's kernel drops the state it passes on itself
+        cls = type(self)
+        return (all(_owner(cls, m) is _owner(DropoutWrapper, m)
+                    for m in ("project_input", "recur", "start_sequence", "_drop", "kernel_sequence"))
+                and self.cell.kernel_applies(device_type, dtype, amp, steps)
+                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps))
+
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
         # the step loop's draws, on the whole sequence: dropout's masks are independent per step and unit anyway
-        result = self.cell.kernel_sequence(self._drop("input", x, self.input_keep_prob), state, lengths)
+        xd = self._drop("input", x, self.input_keep_prob)
+        if self.acts_outside_recurrence():
+            result = self.cell.kernel_sequence(xd, state, lengths)
+        else:
+            result = lstm_kernel.forward_sequence(self.cell, xd, state, lengths,
+                                                  state_dropout=self._state_multipliers(x.shape[1], x.shape[0]))
         if result is None:
             return None
         return self._drop("output", result[0], self.output_keep_prob), result[1]  # padding stays zero
+
+    def _state_multipliers(self, steps: int, batch: int) -> Tensor:
+        """State dropout's ``(T, B, H)`` multipliers of the ``h`` passed on: 0 or 1 / keep (the kernel route)."""
+        keep, width = self.state_keep_prob, self.state_size[0]
+        mask = self._masks.get("state") if self.variational_recurrent else None  # drawn in start_sequence
+        if mask is not None and mask.shape[0] == batch:
+            return mask.to(torch.float32).expand(steps, batch, width)
+        kept, _ = lstm_kernel.zoneout_draws((steps, batch, width), keep, 0.0)  # 1 with probability keep
+        return kept / keep
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         out, new_state = self.cell.recur(xp_t, state)

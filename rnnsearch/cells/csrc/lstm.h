@@ -55,20 +55,25 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 // S (T + 1, B, 3H): s_{t-1}, then s_T. Zoneout only (else all empty): Zh, Zc (T, B, H), how much of the previous
 // h and c each unit keeps (a 0/1 draw in training, the probability in eval): state = new + z (previous - new),
 // the output the zoned h; and the saved Cnew (T, B, H), the cell before zoning (Cprev then holds the zoned one).
+// State dropout only (else empty): Mh (T, B, H), the multiplier of the h passed on as state (0 or 1 / keep); the
+// output is the h before it (TF's DropoutWrapper with state_keep_prob). Not together with zoneout.
 std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
                                      const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                      const at::Tensor& w_co, const at::Tensor& valid, double forget_bias,
                                      double cell_clip, int64_t variant, const at::Tensor& s0,
                                      const at::Tensor& W_gr, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                      const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S,
-                                     const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew) {
+                                     const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew,
+                                     const at::Tensor& Mh) {
   for (auto* p : {&XP, &h0, &c0, &W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
-  const bool zoned = Zh.numel() > 0;
+  const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
   if (zoned)
     for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
+  if (sdrop) check(Mh, "the state dropout multiplier");
+  TORCH_CHECK(!(zoned && sdrop), "lstm kernel: zoneout and state dropout in one call");
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
@@ -121,6 +126,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
           const float *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr,
                       *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr, *hpb = hp + b * H;
           float* cwb = zoned ? Cnew.data_ptr<float>() + zrow : nullptr;
+          const float* mh = sdrop ? Mh.data_ptr<float>() + zrow : nullptr;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
             auto pre = [&](int block) { return ld(xp + block * H + k, tag) + ld(r + block * H + k, tag); };
@@ -168,7 +174,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
             }
             st(cnb + k, cnew);
             st(tcb + k, tc);
-            st(hnb + k, h);
+            st(hnb + k, sdrop ? h * ld(mh + k, tag) : h);  // the state passed on; the output is h
             st(o + k, h);
           });
         }
@@ -189,15 +195,17 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& dsT, const at::Tensor& W_gr, const at::Tensor& Hprev,
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
                                       const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
-                                      const at::Tensor& Cnew, const at::Tensor& valid, const at::Tensor& dR,
+                                      const at::Tensor& Cnew, const at::Tensor& Mh, const at::Tensor& valid,
+                                      const at::Tensor& dR,
                                       const at::Tensor& dQ) {
   for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc, &dR}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
-  const bool zoned = Zh.numel() > 0;
+  const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
   if (zoned)
     for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
+  if (sdrop) check(Mh, "the state dropout multiplier");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = W_hh.size(0);
@@ -245,6 +253,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                       *cnb = zoned ? Cnew.data_ptr<float>() + zrow : cn + b * H,  // the cell before zoning
                       *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr, *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr;
           float* cab = zoned ? carry + b * H : nullptr;
+          const float* mh = sdrop ? Mh.data_ptr<float>() + zrow : nullptr;
           float *dhb = dh + b * H, *dcb = dc + b * H;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
@@ -254,7 +263,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             };
             Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
                so = ld(acb + 3 * H + k, tag), tc = ld(tcb + k, tag), cprev = ld(cpb + k, tag);
-            Tp d = ld(dhb + k, tag) + ld(dob + k, tag), dcin = ld(dcb + k, tag), dckeep(0.f);
+            Tp dstate = ld(dhb + k, tag);  // the gradient of the h passed on
+            if (sdrop) dstate = dstate * ld(mh + k, tag);
+            Tp d = dstate + ld(dob + k, tag), dcin = ld(dcb + k, tag), dckeep(0.f);
             if (zoned) {  // state = new + z (previous - new): (1 - z) of the gradient to the new, z to the previous
               Tp z = ld(zh + k, tag);
               st(cab + k, z * d);
