@@ -43,7 +43,7 @@ before the step.
     python scripts/bench.py --quick              # LSTM, hidden 128 and 256, 1 layer
     python scripts/bench.py --quick --cells peephole,proj,ln_lstm   # the other registry LSTMs
     python scripts/bench.py --quick --cells nig,nfg,nog,niaf,noaf,np,cifg,fgr --paths acdh   # Greff's variants
-    python scripts/bench.py --quick --cells zoneout,vdropout --paths acdh   # wrapped lstm
+    python scripts/bench.py --quick --cells zoneout,vdropout,sdropout --paths acdh   # wrapped lstm
     python scripts/bench.py --device cuda --amp bf16 --quick
     python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
     python scripts/bench.py --memory --quick --cells ln_lstm --paths adh   # the ln_lstm kernel's memory
@@ -104,7 +104,7 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int
 #: compared with. ``peephole``, ``proj`` and ``ln_lstm`` are the issue's "any registry cell": peephole LSTM,
 #: projected LSTM (num_proj = hidden / 2, against torch.nn.LSTM's proj_size) and the layer-norm LSTM; ``nig`` …
 #: ``fgr``: Greff et al.'s LSTM variants, with peepholes as in the paper (``np``: none), against torch.nn.LSTM;
-#: ``zoneout``, ``vdropout``: the plain lstm under a wrapper (:data:`WRAPPED`).
+#: ``zoneout``, ``vdropout``, ``sdropout``: the plain lstm under a wrapper (:data:`WRAPPED`).
 CELLS: dict[str, dict[str, Any]] = {
     "lstm": {"name": "lstm", "forget_bias": 0.0},  # forget_bias 0: torch.nn's LSTM has none
     "gru": {"name": "gru"},
@@ -115,12 +115,14 @@ CELLS: dict[str, dict[str, Any]] = {
        for v in ("NIG", "NFG", "NOG", "NIAF", "NOAF", "NP", "CIFG", "FGR")},
     "zoneout": {"name": "lstm", "forget_bias": 0.0},
     "vdropout": {"name": "lstm", "forget_bias": 0.0},
+    "sdropout": {"name": "lstm", "forget_bias": 0.0},
 }
-#: Wrapped cells (``model.wrappers``), against the bare torch.nn.LSTM: zoneout (Krueger et al.'s 0.05 / 0.5) and
-#: variational input and output dropout.
+#: Wrapped cells (``model.wrappers``), against the bare torch.nn.LSTM: zoneout (Krueger et al.'s 0.05 / 0.5),
+#: variational input and output dropout, and variational state (recurrent) and output dropout.
 WRAPPED: dict[str, list[dict[str, Any]]] = {
     "zoneout": [{"name": "zoneout", "h_prob": 0.05, "c_prob": 0.5}],
     "vdropout": [{"name": "dropout", "input_keep_prob": 0.9, "output_keep_prob": 0.9, "variational_recurrent": True}],
+    "sdropout": [{"name": "dropout", "state_keep_prob": 0.9, "output_keep_prob": 0.9, "variational_recurrent": True}],
 }
 
 
