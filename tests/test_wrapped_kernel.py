@@ -192,28 +192,35 @@ def test_training_a_peephole_lstm_under_variational_dropout_with_compile_true_ru
     assert result["test/mse"] == result["test/mse"]  # finite, not NaN
 
 
-def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], zh: torch.Tensor,
-                     zc: torch.Tensor):
-    """The zoneout wrapper's arithmetic, step by step in float64, with given draws (1: keep the previous value)."""
+def _float64_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], wrap):
+    """A wrapper's arithmetic, step by step in float64: ``wrap(t, h, c, out, h_new, c_new)`` gives the state passed
+    on and the output, ``(h', c', out')``; padding as the step loop does it. Outputs, final state, gradients."""
     x = x.double().clone().requires_grad_()
     cell.zero_grad(set_to_none=True)
     h, c = cell.zero_state(x.shape[0], dtype=torch.float64)
     xp, outs = cell.project_input(x), []
     for t in range(x.shape[1]):
         out, (h_new, c_new) = cell.recur(xp[:, t], (h, c))
-        h_new = h_new + zh[t].double() * (h - h_new)
-        c_new = c_new + zc[t].double() * (c - c_new)
+        h_new, c_new, out = wrap(t, h, c, out, h_new, c_new)
         if lengths is not None:
             v = (t < lengths).unsqueeze(1)
-            h_new, c_new = torch.where(v, h_new, h), torch.where(v, c_new, c)
-            outs.append(h_new.masked_fill(~v, 0.0))
-        else:
-            outs.append(h_new)
+            h_new, c_new, out = torch.where(v, h_new, h), torch.where(v, c_new, c), out.masked_fill(~v, 0.0)
+        outs.append(out)
         h, c = h_new, c_new
     out = torch.stack(outs, 1)
     w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
     return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{f"cell.{n}": p.grad for n, p in cell.named_parameters()}}
+
+
+def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], zh: torch.Tensor,
+                     zc: torch.Tensor):
+    """The zoneout wrapper's arithmetic in float64, with given draws (1: keep the previous value); outputs the zoned h."""
+    def zone(t, h, c, out, h_new, c_new):  # noqa: ANN001, ANN202
+        h_new = h_new + zh[t].double() * (h - h_new)
+        return h_new, c_new + zc[t].double() * (c - c_new), h_new
+
+    return _float64_reference(cell, x, lengths, zone)
 
 
 @pytest.mark.parametrize("options,lengths", [({}, None), ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
@@ -311,23 +318,8 @@ def test_variational_state_dropout_around_lstm_runs_the_kernel_and_matches_the_s
 
 
 def _state_dropped_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Tensor], mult: torch.Tensor):
-    """TF's state dropout, step by step in float64: the h passed on is h * mult[t]; the output is h."""
-    x = x.double().clone().requires_grad_()
-    cell.zero_grad(set_to_none=True)
-    h, c = cell.zero_state(x.shape[0], dtype=torch.float64)
-    xp, outs = cell.project_input(x), []
-    for t in range(x.shape[1]):
-        out, (h_new, c_new) = cell.recur(xp[:, t], (h, c))
-        h_new = h_new * mult[t].double()
-        if lengths is not None:
-            v = (t < lengths).unsqueeze(1)
-            h_new, c_new, out = torch.where(v, h_new, h), torch.where(v, c_new, c), out.masked_fill(~v, 0.0)
-        outs.append(out)
-        h, c = h_new, c_new
-    out = torch.stack(outs, 1)
-    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
-    ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
-    return out.detach(), h.detach(), c.detach(), {"x": x.grad, **{f"cell.{n}": p.grad for n, p in cell.named_parameters()}}
+    """TF's state dropout in float64: the h passed on is h * mult[t]; the output is h."""
+    return _float64_reference(cell, x, lengths, lambda t, h, c, out, h_new, c_new: (h_new * mult[t].double(), c_new, out))
 
 
 def test_per_step_state_dropout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(monkeypatch):
