@@ -333,7 +333,8 @@ def test_non_contiguous_parameters_run_the_kernel_too(eager_compile):
     expected.sum().backward()
     assert _kernel_calls(cell) == 1
     assert_close(out.detach(), expected.detach(), 2e-6, "outputs")
-    assert_close(cell.bias.grad, reference.bias.grad, 1e-4, "bias grad")
+    scale = max(1.0, reference.bias.grad.abs().max().item())  # a sum over every row and step: relative
+    assert_close(cell.bias.grad / scale, reference.bias.grad / scale, 2e-5, "bias grad")
 
 
 def test_a_second_backward_hands_nothing_back_twice(eager_compile):

@@ -51,16 +51,17 @@ class LSTMSequence(torch.autograd.Function):
     """A whole ``lstm`` sequence: forward and backward in the C++ kernel."""
 
     @staticmethod
-    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, W_gr: Tensor, w_ci: Tensor,
+    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, bias: Tensor, W_gr: Tensor,
+                w_ci: Tensor,
                 w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor, Mh: Tensor, forget_bias: float,
                 cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
-        B, T, _ = XP.shape
+        T, B, _ = XP.shape
         shapes = _saved_shapes(B, T, h0.shape[1], W_gr.numel() > 0, Zh.numel() > 0)
         bufs = WORKSPACE.take([s for s in shapes if s != (0,)], XP)
         saved = [bufs.pop(0) if s != (0,) else XP.new_empty(0) for s in shapes]  # Hprev, Cprev, Acts, Tc, S, Cnew
-        W_hh, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, W_gr, w_ci, w_cf, w_co))
-        out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, w_ci, w_cf, w_co, valid,
+        W_hh, bias, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, bias, W_gr, w_ci, w_cf, w_co))
+        out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, bias, w_ci, w_cf, w_co, valid,
                                            float(forget_bias), float(cell_clip), int(variant), s0.contiguous(), W_gr,
                                            *saved[:5], Zh, Zc, saved[5], Mh)
         ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved)
@@ -74,16 +75,16 @@ class LSTMSequence(torch.autograd.Function):
         W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved = ctx.saved_tensors
         T, B, H = saved[0].shape
         fgr = W_gr.numel() > 0
-        work = WORKSPACE.take([(T, B, W_hh.shape[0]), *([(T, B, 3 * H)] if fgr else [])], W_hh,
-                              fresh_drops_others=False)  # work buffers: back right after
-        dQ = work[1] if fgr else W_hh.new_empty(0)
-        dXP, dh0, dc0, dW, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
+        # FGR's work buffer: back right after
+        work = WORKSPACE.take([(T, B, 3 * H)], W_hh, fresh_drops_others=False) if fgr else [W_hh.new_empty(0)]
+        dXP, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
-            saved[5], Mh, valid, work[0], dQ)
-        WORKSPACE.give(work)
+            saved[5], Mh, valid, work[0])
+        if fgr:
+            WORKSPACE.give(work)
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
-        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dWgr if fgr else None, *peep, None, None, None, None, None,
-                None, None)
+        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dbias, dWgr if fgr else None, *peep, None, None, None, None,
+                None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -138,11 +139,13 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
             zh, zc = zoneout_draws(shape, h_prob, c_prob)
         else:
             zh, zc = (torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
-    XP = torch.nn.functional.linear(x, cell.weight_ih, cell.bias_ih + cell.bias_hh).contiguous()
+    # Time-major (T, B, 4H), so that each step's rows are adjacent, and without the bias, which the kernel adds (an
+    # addmm would copy it into every row first, and its gradient's sum over the rows would be a pass of its own).
+    XP = torch.nn.functional.linear(x.transpose(0, 1), cell.weight_ih).contiguous()
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
     out, hT, cT, sT = LSTMSequence.apply(XP, state[0], state[1], state[2] if fgr else none, cell.weight_hh,
-                                         cell.weight_gr if fgr else none, *peep, valid, zh, zc,
+                                         cell.bias_ih + cell.bias_hh, cell.weight_gr if fgr else none, *peep, valid, zh, zc,
                                          none if state_dropout is None else state_dropout.contiguous(), cell.forget_bias,
                                          cell.cell_clip or 0.0, VARIANTS[cell.variant])
     return out, ((hT, cT, sT) if fgr else (hT, cT))

@@ -47,7 +47,7 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 }
 }  // namespace
 
-// XP (B, T, nH): x W_ih^T + b_ih + b_hh, n the variant's gate blocks; h0, c0 (B, H); W_hh (nH, H); w_ci,
+// XP (T, B, nH): x W_ih^T, time-major (step t's rows adjacent), n the variant's gate blocks; h0, c0 (B, H); W_hh (nH, H); bias (nH): b_ih + b_hh; w_ci,
 // w_cf, w_co (H) or empty (no peepholes, or no such gate); valid (T, B) bool or empty; cell_clip <= 0: none.
 // Fills the saved tensors (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
 // i, f, g, o, a dropped gate's constant included; Tc (T, B, H): tanh of the new cell, or the cell under NOAF)
@@ -58,14 +58,15 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 // State dropout only (else empty): Mh (T, B, H), the multiplier of the h passed on as state (0 or 1 / keep); the
 // output is the h before it (TF's DropoutWrapper with state_keep_prob). Not together with zoneout.
 std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
-                                     const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
-                                     const at::Tensor& w_co, const at::Tensor& valid, double forget_bias,
+                                     const at::Tensor& W_hh, const at::Tensor& bias, const at::Tensor& w_ci,
+                                     const at::Tensor& w_cf, const at::Tensor& w_co, const at::Tensor& valid,
+                                     double forget_bias,
                                      double cell_clip, int64_t variant, const at::Tensor& s0,
                                      const at::Tensor& W_gr, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                      const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S,
                                      const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew,
                                      const at::Tensor& Mh) {
-  for (auto* p : {&XP, &h0, &c0, &W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
+  for (auto* p : {&XP, &h0, &c0, &W_hh, &bias, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
@@ -77,20 +78,20 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
-  const int64_t B = XP.size(0), T = XP.size(1), G = XP.size(2), H = Hprev.size(2);
+  const int64_t T = XP.size(0), B = XP.size(1), G = XP.size(2), H = Hprev.size(2);
+  TORCH_CHECK(bias.numel() == G, "lstm kernel: ", bias.numel(), " biases for ", G, " projected input columns");
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float fb = static_cast<float>(forget_bias), cc = static_cast<float>(cell_clip);
   auto opts = XP.options();
   at::Tensor out = at::empty({B, T, H}, opts);
   at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
-  at::Tensor W_t = W_hh.t().contiguous();  // (H, nH)
-  at::Tensor Wgr_t = fgr ? W_gr.t().contiguous() : W_gr, R2 = at::empty({fgr ? B : 0, 3 * H}, opts);
+  at::Tensor R2 = at::empty({fgr ? B : 0, 3 * H}, opts);
   Hprev[0].copy_(h0);
   Cprev[0].copy_(c0);
   if (fgr) S[0].copy_(s0);
   float *s_all = fgr ? S.data_ptr<float>() : nullptr, *r2_p = R2.data_ptr<float>();
-  const float* xp_p = XP.data_ptr<float>();
+  const float *xp_p = XP.data_ptr<float>(), *bs = bias.data_ptr<float>();
   const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
               *wco = po ? w_co.data_ptr<float>() : nullptr;
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
@@ -101,8 +102,8 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " projected input columns for ", S::gates, " gates of ", H);
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     for (int64_t t = 0; t < T; ++t) {
-      gemm_cols(h_all + t * B * H, W_t.data_ptr<float>(), r_p, B, H, G);
-      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, Wgr_t.data_ptr<float>(), r2_p, B, 3 * H, 3 * H);
+      gemm_cols(h_all + t * B * H, W_hh.data_ptr<float>(), r_p, B, H, G, 0, true);
+      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, W_gr.data_ptr<float>(), r2_p, B, 3 * H, 3 * H, 0, true);
       float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
       float* cn = c_all + (t + 1) * B * H;
       const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
@@ -118,7 +119,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
             std::fill(o, o + H, 0.f);
             continue;
           }
-          const float *xp = xp_p + (b * T + t) * G, *r = r_p + b * G, *c = cp + b * H;
+          const float *xp = xp_p + (t * B + b) * G, *r = r_p + b * G, *c = cp + b * H;
           const float* r2 = S::gate_rec ? r2_p + b * 3 * H : nullptr;  // s_{t-1} W_gr^T: i, f, o
           float* sn = S::gate_rec ? s_all + ((t + 1) * B + b) * 3 * H : nullptr;
           float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
@@ -129,7 +130,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
           const float* mh = sdrop ? Mh.data_ptr<float>() + zrow : nullptr;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
-            auto pre = [&](int block) { return ld(xp + block * H + k, tag) + ld(r + block * H + k, tag); };
+            auto pre = [&](int block) {
+              const int64_t i = block * H + k;
+              return ld(xp + i, tag) + ld(bs + i, tag) + ld(r + i, tag);
+            };
             Tp cprev = ld(c + k, tag), si(1.f), sf(1.f), so(1.f);
             if constexpr (S::has_i) {
               Tp p = pre(S::oi);
@@ -184,9 +188,10 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
 }
 
-// Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dw_ci, dw_cf, dw_co (each peephole's gradient is
-// zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). dR (T, B, nH) and, for FGR, dQ (T, B,
-// 3H) are work buffers; the saved tensors are left as they were. Zoneout: Zh, Zc and Cnew as in lstm_forward
+// Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dbias, dw_ci, dw_cf, dw_co (each peephole's gradient
+// is zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work
+// buffer; the saved tensors are left as they were. dXP (T, B, nH), the gates' pre-activation gradient, is also what
+// the per-step GEMM and dW_hh's one GEMM after the loop read. Zoneout: Zh, Zc and Cnew as in lstm_forward
 // (else empty); the part of h's gradient a unit keeps goes straight to the previous step (Carry, (B, H)). Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
 // exactly ±cell_clip unclipped).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
@@ -196,9 +201,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
                                       const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
                                       const at::Tensor& Cnew, const at::Tensor& Mh, const at::Tensor& valid,
-                                      const at::Tensor& dR,
                                       const at::Tensor& dQ) {
-  for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc, &dR}) check(*p, "every tensor");
+  for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
@@ -213,9 +217,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   const float cc = static_cast<float>(cell_clip);
   auto opts = Hprev.options();
   const int nthreads = at::get_num_threads();
-  at::Tensor dXP = at::empty({B, T, G}, opts);
+  at::Tensor dXP = at::empty({T, B, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
-  at::Tensor part = at::zeros({nthreads, 3, H}, opts);  // the peepholes' gradients, per thread
+  at::Tensor part = at::zeros({nthreads, 3 * H + G}, opts);  // the peepholes' and the bias' gradients, per thread
   // FGR: the gradient of the gate state s_t, (B, 3H), carried backwards like dH
   at::Tensor dS = fgr ? dsT.contiguous().clone() : at::empty({0}, opts), dSn = at::empty({fgr ? B : 0, 3 * H}, opts);
   float* dq_all = fgr ? dQ.data_ptr<float>() : nullptr;
@@ -225,7 +229,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
               *wco = po ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   const float *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>();
-  float *dr_all = dR.data_ptr<float>(), *dxp = dXP.data_ptr<float>(), *part_all = part.data_ptr<float>();
+  float *dxp = dXP.data_ptr<float>(), *part_all = part.data_ptr<float>();
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
@@ -233,16 +237,15 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     for (int64_t t = T - 1; t >= 0; --t) {
       const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * 4 * H,
                   *tcp = tc_all + t * B * H;
-      float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
+      float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>();
       float *ds = fgr ? dS.data_ptr<float>() : nullptr, *dq = fgr ? dq_all + t * B * 3 * H : nullptr;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        float* pp = part_all + at::get_thread_num() * 3 * H;  // d w_ci, d w_cf, d w_co
+        float* pp = part_all + at::get_thread_num() * (3 * H + G);  // d w_ci, d w_cf, d w_co
+        float* pb = pp + 3 * H;                                         // d bias
         for (int64_t b = b0; b < b1; ++b) {
-          float* dxb = dxp + (b * T + t) * G;
-          float* drb = dr + b * G;
+          float* dxb = dxp + (t * B + b) * G;
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
             std::fill(dxb, dxb + G, 0.f);
-            std::fill(drb, drb + G, 0.f);
             if constexpr (S::gate_rec) std::fill(dq + b * 3 * H, dq + (b + 1) * 3 * H, 0.f);
             continue;
           }
@@ -258,8 +261,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
             auto put = [&](int block, const Tp& v) {
-              st(drb + block * H + k, v);
-              st(dxb + block * H + k, v);
+              const int64_t i = block * H + k;
+              st(dxb + i, v);
+              st(pb + i, ld(pb + i, tag) + v);
             };
             Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
                so = ld(acb + 3 * H + k, tag), tc = ld(tcb + k, tag), cprev = ld(cpb + k, tag);
@@ -317,7 +321,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           });
         }
       });
-      gemm_cols(dr, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+      gemm_cols(dxp + t * B * G, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
       float* dhn = dHn.data_ptr<float>();
       if (zoned)  // the kept part of h's gradient, past the step
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -341,11 +345,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       }
     }
   });
-  at::Tensor dW = at::mm(dR.view({T * B, G}).t(), Hprev.view({T * B, H}));
+  at::Tensor dW = at::mm(dXP.view({T * B, G}).t(), Hprev.view({T * B, H}));
   at::Tensor p = part.sum(0);
-  if (!fgr) return {dXP, dH, dC, dW, p[0], p[1], p[2], dS, dS};
+  at::Tensor dbias = p.narrow(0, 3 * H, G), dpeep = p.narrow(0, 0, 3 * H).view({3, H});
+  if (!fgr) return {dXP, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
-  return {dXP, dH, dC, dW, p[0], p[1], p[2], dS, dWgr};
+  return {dXP, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
 }
 
 // Zoneout's draws for a (T, B, H) sequence: 1 where a unit keeps its previous h (probability ph) or c (pc), else
