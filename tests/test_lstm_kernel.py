@@ -4,8 +4,8 @@ Against the generic cell-by-cell path in float64: outputs, final states and ever
 peepholes, a cell clip that bites, forget biases, lengths, a given initial state, both directions. Where
 the kernel must not run (projection, another activation, a subclass, float64, autocast,
 no grad, the switch off), it does not. Greff et al.'s variants run their own instantiations, checked the
-same way (FGR with its third state tensor, the previous gates, given and differentiated too). The kernel shares its extension with ``ln_lstm``'s; the first test
-to load it builds it (about a minute) into the shared cache.
+same way (FGR with its third state tensor, the previous gates, given and differentiated too). The kernel shares
+its extension with ``ln_lstm``'s; the first test to load it builds it (about a minute) into the shared cache.
 """
 
 from __future__ import annotations

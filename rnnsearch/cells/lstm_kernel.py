@@ -39,32 +39,35 @@ VARIANTS = {"vanilla": 0, "NP": 0, "NIG": 1, "NFG": 2, "NOG": 3, "NIAF": 4, "NOA
 WORKSPACE = Workspace()  # its own: a model with ln_lstm and lstm layers keeps both kernels' buffers
 
 
-def _saved_shapes(batch: int, steps: int, hidden: int, fgr: bool, zoned: bool) -> list[tuple[int, ...]]:
+def _saved_shapes(batch: int, steps: int, inputs: int, hidden: int, fgr: bool, zoned: bool) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    # h_{t-1}; c_{t-1} and c_T; the gates; tanh(c); FGR: the gate state s_{t-1} and s_T (else none);
+    # [x_t, h_{t-1}]; c_{t-1} and c_T; the gates; tanh(c); FGR: the gate state s_{t-1} and s_T (else none);
     # zoneout: the cell before zoning (else none)
-    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, H), (T + 1, B, 3 * H) if fgr else (0,),
+    return [(T, B, inputs + H), (T + 1, B, H), (T, B, 4 * H), (T, B, H), (T + 1, B, 3 * H) if fgr else (0,),
             (T, B, H) if zoned else (0,)]
 
 
 class LSTMSequence(torch.autograd.Function):
-    """A whole ``lstm`` sequence: forward and backward in the C++ kernel."""
+    """A whole ``lstm`` sequence, input projection included: forward and backward in the C++ kernel."""
 
     @staticmethod
-    def forward(ctx: Any, XP: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, bias: Tensor, W_gr: Tensor,
-                w_ci: Tensor,
-                w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor, Mh: Tensor, forget_bias: float,
-                cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(ctx: Any, x: Tensor, W_ih: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, bias: Tensor,
+                W_gr: Tensor, w_ci: Tensor, w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor,
+                Mh: Tensor, forget_bias: float, cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
-        T, B, _ = XP.shape
-        shapes = _saved_shapes(B, T, h0.shape[1], W_gr.numel() > 0, Zh.numel() > 0)
-        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], XP)
-        saved = [bufs.pop(0) if s != (0,) else XP.new_empty(0) for s in shapes]  # Hprev, Cprev, Acts, Tc, S, Cnew
-        W_hh, bias, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_hh, bias, W_gr, w_ci, w_cf, w_co))
-        out, hT, cT, sT = ext.lstm_forward(XP, h0.contiguous(), c0.contiguous(), W_hh, bias, w_ci, w_cf, w_co, valid,
-                                           float(forget_bias), float(cell_clip), int(variant), s0.contiguous(), W_gr,
-                                           *saved[:5], Zh, Zc, saved[5], Mh)
-        ctx.save_for_backward(W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved)
+        B, T, I = x.shape
+        H = h0.shape[1]
+        shapes = _saved_shapes(B, T, I, H, W_gr.numel() > 0, Zh.numel() > 0)
+        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], x)
+        saved = [bufs.pop(0) if s != (0,) else x.new_empty(0) for s in shapes]  # XH, Cprev, Acts, Tc, S, Cnew
+        XH = saved[0]  # time-major rows [x_t, h_{t-1}]: the kernel writes the h part
+        XH[:, :, :I].copy_(x.transpose(0, 1))
+        W_ih, W_hh, bias, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_ih, W_hh, bias, W_gr, w_ci, w_cf, w_co))
+        # the input enters each step's one GEMM, [x_t, h_{t-1}] [W_ih W_hh]^T, and the bias the kernel's pass after it
+        out, hT, cT, sT = ext.lstm_forward(h0.contiguous(), c0.contiguous(), torch.cat([W_ih, W_hh], 1), bias, w_ci,
+                                           w_cf, w_co, valid, float(forget_bias), float(cell_clip), int(variant),
+                                           s0.contiguous(), W_gr, *saved[:5], Zh, Zc, saved[5], Mh)
+        ctx.save_for_backward(W_ih, W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved)
         ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
         WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
         return out, hT, cT, sT
@@ -72,19 +75,22 @@ class LSTMSequence(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor, dsT: Tensor) -> tuple[Optional[Tensor], ...]:
-        W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved = ctx.saved_tensors
-        T, B, H = saved[0].shape
+        W_ih, W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved = ctx.saved_tensors
+        T, B, I = saved[0].shape[0], saved[0].shape[1], W_ih.shape[1]
+        H = W_hh.shape[1]
         fgr = W_gr.numel() > 0
         # FGR's work buffer: back right after
         work = WORKSPACE.take([(T, B, 3 * H)], W_hh, fresh_drops_others=False) if fgr else [W_hh.new_empty(0)]
-        dXP, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
+        dG, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ln_lstm_kernel.load().lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
             saved[5], Mh, valid, work[0])
         if fgr:
             WORKSPACE.give(work)
+        # the input's gradient, batch-first again; dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])
+        dx = torch.mm(dG.view(T * B, -1), W_ih).view(T, B, I).transpose(0, 1) if ctx.needs_input_grad[0] else None
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
-        return (dXP, dh0, dc0, ds0 if fgr else None, dW, dbias, dWgr if fgr else None, *peep, None, None, None, None,
-                None, None, None)
+        return (dx, dW[:, :I], dh0, dc0, ds0 if fgr else None, dW[:, I:], dbias, dWgr if fgr else None, *peep,
+                None, None, None, None, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -139,13 +145,10 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
             zh, zc = zoneout_draws(shape, h_prob, c_prob)
         else:
             zh, zc = (torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
-    # Time-major (T, B, 4H), so that each step's rows are adjacent, and without the bias, which the kernel adds (an
-    # addmm would copy it into every row first, and its gradient's sum over the rows would be a pass of its own).
-    XP = torch.nn.functional.linear(x.transpose(0, 1), cell.weight_ih).contiguous()
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
-    out, hT, cT, sT = LSTMSequence.apply(XP, state[0], state[1], state[2] if fgr else none, cell.weight_hh,
-                                         cell.bias_ih + cell.bias_hh, cell.weight_gr if fgr else none, *peep, valid, zh, zc,
-                                         none if state_dropout is None else state_dropout.contiguous(), cell.forget_bias,
-                                         cell.cell_clip or 0.0, VARIANTS[cell.variant])
+    out, hT, cT, sT = LSTMSequence.apply(x, cell.weight_ih, state[0], state[1], state[2] if fgr else none,
+                                         cell.weight_hh, cell.bias_ih + cell.bias_hh, cell.weight_gr if fgr else none,
+                                         *peep, valid, zh, zc, none if state_dropout is None else state_dropout.contiguous(),
+                                         cell.forget_bias, cell.cell_clip or 0.0, VARIANTS[cell.variant])
     return out, ((hT, cT, sT) if fgr else (hT, cT))

@@ -47,9 +47,12 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 }
 }  // namespace
 
-// XP (T, B, nH): x W_ih^T, time-major (step t's rows adjacent), n the variant's gate blocks; h0, c0 (B, H); W_hh (nH, H); bias (nH): b_ih + b_hh; w_ci,
+// XH (T, B, I + H): x_t in each row's first I columns (the caller's), h_{t-1} in the rest (written here, and saved).
+// Each step is one GEMM, [x_t, h_{t-1}] [W_ih W_hh]^T: W_cat (nH, I + H), n the variant's gate blocks (the input
+// enters there rather than in one GEMM over the whole sequence first, which is slow for a narrow input and adds a
+// (T, B, nH) pass over memory). h0, c0 (B, H); bias (nH): b_ih + b_hh; w_ci,
 // w_cf, w_co (H) or empty (no peepholes, or no such gate); valid (T, B) bool or empty; cell_clip <= 0: none.
-// Fills the saved tensors (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
+// Fills the saved tensors (XH's h part; Cprev (T + 1, B, H): c_{t-1}, then c_T; Acts (T, B, 4H):
 // i, f, g, o, a dropped gate's constant included; Tc (T, B, H): tanh of the new cell, or the cell under NOAF)
 // and returns out (B, T, H), hT, cT, sT. FGR only (else all empty): s0 (B, 3H), W_gr (3H, 3H), and the saved
 // S (T + 1, B, 3H): s_{t-1}, then s_T. Zoneout only (else all empty): Zh, Zc (T, B, H), how much of the previous
@@ -57,16 +60,16 @@ template <typename F, int V = 0> inline void with_variant(int64_t v, F&& f) {
 // the output the zoned h; and the saved Cnew (T, B, H), the cell before zoning (Cprev then holds the zoned one).
 // State dropout only (else empty): Mh (T, B, H), the multiplier of the h passed on as state (0 or 1 / keep); the
 // output is the h before it (TF's DropoutWrapper with state_keep_prob). Not together with zoneout.
-std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0, const at::Tensor& c0,
-                                     const at::Tensor& W_hh, const at::Tensor& bias, const at::Tensor& w_ci,
+std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& W_cat,
+                                     const at::Tensor& bias, const at::Tensor& w_ci,
                                      const at::Tensor& w_cf, const at::Tensor& w_co, const at::Tensor& valid,
                                      double forget_bias,
                                      double cell_clip, int64_t variant, const at::Tensor& s0,
-                                     const at::Tensor& W_gr, const at::Tensor& Hprev, const at::Tensor& Cprev,
+                                     const at::Tensor& W_gr, const at::Tensor& XH, const at::Tensor& Cprev,
                                      const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& S,
                                      const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew,
                                      const at::Tensor& Mh) {
-  for (auto* p : {&XP, &h0, &c0, &W_hh, &bias, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
+  for (auto* p : {&h0, &c0, &W_cat, &bias, &XH, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
@@ -78,62 +81,63 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
-  const int64_t T = XP.size(0), B = XP.size(1), G = XP.size(2), H = Hprev.size(2);
-  TORCH_CHECK(bias.numel() == G, "lstm kernel: ", bias.numel(), " biases for ", G, " projected input columns");
+  const int64_t T = XH.size(0), B = XH.size(1), W = XH.size(2), H = h0.size(1), I = W - H;
+  const int64_t G = W_cat.size(0);
+  TORCH_CHECK(W_cat.size(1) == W && bias.numel() == G, "lstm kernel: weights ", W_cat.sizes(), " and bias ",
+              bias.sizes(), " for ", I, " inputs and ", H, " units");
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float fb = static_cast<float>(forget_bias), cc = static_cast<float>(cell_clip);
-  auto opts = XP.options();
+  auto opts = XH.options();
   at::Tensor out = at::empty({B, T, H}, opts);
   at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
   at::Tensor R2 = at::empty({fgr ? B : 0, 3 * H}, opts);
-  Hprev[0].copy_(h0);
+  XH[0].narrow(1, I, H).copy_(h0);
   Cprev[0].copy_(c0);
   if (fgr) S[0].copy_(s0);
   float *s_all = fgr ? S.data_ptr<float>() : nullptr, *r2_p = R2.data_ptr<float>();
-  const float *xp_p = XP.data_ptr<float>(), *bs = bias.data_ptr<float>();
+  const float* bs = bias.data_ptr<float>();
   const float *wci = pi ? w_ci.data_ptr<float>() : nullptr, *wcf = pf ? w_cf.data_ptr<float>() : nullptr,
               *wco = po ? w_co.data_ptr<float>() : nullptr;
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
-  float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(),
+  float *xh = XH.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(),
         *tc_all = Tc.data_ptr<float>(), *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " projected input columns for ", S::gates, " gates of ", H);
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     for (int64_t t = 0; t < T; ++t) {
-      gemm_cols(h_all + t * B * H, W_hh.data_ptr<float>(), r_p, B, H, G, 0, true);
+      gemm_cols(xh + t * B * W, W_cat.data_ptr<float>(), r_p, B, W, G, 0, true);  // step t's rows [x_t, h_{t-1}]
       if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, W_gr.data_ptr<float>(), r2_p, B, 3 * H, 3 * H, 0, true);
-      float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
+      const bool last = t + 1 == T;
+      float* hn = last ? hT.data_ptr<float>() : xh + (t + 1) * B * W + I;  // rows hn_row apart
+      const int64_t hn_row = last ? H : W;
       float* cn = c_all + (t + 1) * B * H;
-      const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
+      const float *hp = xh + t * B * W + I, *cp = c_all + t * B * H;  // rows W apart
       float *ac = ac_all + t * B * 4 * H, *tcp = tc_all + t * B * H;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
         for (int64_t b = b0; b < b1; ++b) {
           float* o = op + (b * T + t) * H;
           if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
-            std::copy(hp + b * H, hp + (b + 1) * H, hn + b * H);
+            std::copy(hp + b * W, hp + b * W + H, hn + b * hn_row);
             std::copy(cp + b * H, cp + (b + 1) * H, cn + b * H);
             if constexpr (S::gate_rec)
               std::copy(s_all + (t * B + b) * 3 * H, s_all + (t * B + b + 1) * 3 * H, s_all + ((t + 1) * B + b) * 3 * H);
             std::fill(o, o + H, 0.f);
             continue;
           }
-          const float *xp = xp_p + (t * B + b) * G, *r = r_p + b * G, *c = cp + b * H;
+          const float *r = r_p + b * G, *c = cp + b * H;
           const float* r2 = S::gate_rec ? r2_p + b * 3 * H : nullptr;  // s_{t-1} W_gr^T: i, f, o
           float* sn = S::gate_rec ? s_all + ((t + 1) * B + b) * 3 * H : nullptr;
-          float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * H;
+          float *acb = ac + b * 4 * H, *cnb = cn + b * H, *tcb = tcp + b * H, *hnb = hn + b * hn_row;
           const int64_t zrow = (t * B + b) * H;  // this row's zoneout draws and pre-zoning cell
           const float *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr,
-                      *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr, *hpb = hp + b * H;
+                      *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr, *hpb = hp + b * W;
           float* cwb = zoned ? Cnew.data_ptr<float>() + zrow : nullptr;
           const float* mh = sdrop ? Mh.data_ptr<float>() + zrow : nullptr;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
-            auto pre = [&](int block) {
-              const int64_t i = block * H + k;
-              return ld(xp + i, tag) + ld(bs + i, tag) + ld(r + i, tag);
-            };
+            auto pre = [&](int block) { return ld(r + block * H + k, tag) + ld(bs + block * H + k, tag); };
             Tp cprev = ld(c + k, tag), si(1.f), sf(1.f), so(1.f);
             if constexpr (S::has_i) {
               Tp p = pre(S::oi);
@@ -188,21 +192,22 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& XP, const at::Tensor& h0,
   return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
 }
 
-// Gradients of lstm_forward: returns dXP, dh0, dc0, dW_hh, dbias, dw_ci, dw_cf, dw_co (each peephole's gradient
-// is zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work
-// buffer; the saved tensors are left as they were. dXP (T, B, nH), the gates' pre-activation gradient, is also what
-// the per-step GEMM and dW_hh's one GEMM after the loop read. Zoneout: Zh, Zc and Cnew as in lstm_forward
-// (else empty); the part of h's gradient a unit keeps goes straight to the previous step (Carry, (B, H)). Where the cell clip held the new cell at ±cell_clip its gradient stops (torch.clamp's, except at
-// exactly ±cell_clip unclipped).
+// Gradients of lstm_forward: returns dG (T, B, nH), the gates' pre-activation gradient (the input's is dG W_ih, one
+// GEMM left to the caller), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
+// [x_t, h_{t-1}]), dbias, dw_ci, dw_cf, dw_co (each peephole's gradient is zeros where forward had no such weight),
+// ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work buffer; the saved tensors are left as they were.
+// Zoneout: Zh, Zc and Cnew as in lstm_forward (else empty); the part of h's gradient a unit keeps goes straight to
+// the previous step (Carry, (B, H)). Where the cell clip held the new cell at ±cell_clip its gradient stops
+// (torch.clamp's, except at exactly ±cell_clip unclipped).
 std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                       const at::Tensor& W_hh, const at::Tensor& w_ci, const at::Tensor& w_cf,
                                       const at::Tensor& w_co, double cell_clip, int64_t variant,
-                                      const at::Tensor& dsT, const at::Tensor& W_gr, const at::Tensor& Hprev,
+                                      const at::Tensor& dsT, const at::Tensor& W_gr, const at::Tensor& XH,
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
                                       const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
                                       const at::Tensor& Cnew, const at::Tensor& Mh, const at::Tensor& valid,
                                       const at::Tensor& dQ) {
-  for (auto* p : {&W_hh, &Hprev, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
+  for (auto* p : {&W_hh, &XH, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
@@ -212,12 +217,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   if (sdrop) check(Mh, "the state dropout multiplier");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
-  const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = W_hh.size(0);
+  const int64_t T = XH.size(0), B = XH.size(1), W = XH.size(2), H = W_hh.size(1), G = W_hh.size(0);
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float cc = static_cast<float>(cell_clip);
-  auto opts = Hprev.options();
+  auto opts = XH.options();
   const int nthreads = at::get_num_threads();
-  at::Tensor dXP = at::empty({T, B, G}, opts);
+  at::Tensor dG = at::empty({T, B, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part = at::zeros({nthreads, 3 * H + G}, opts);  // the peepholes' and the bias' gradients, per thread
   // FGR: the gradient of the gate state s_t, (B, 3H), carried backwards like dH
@@ -229,7 +234,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
               *wco = po ? w_co.data_ptr<float>() : nullptr, *do_p = dout.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   const float *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>();
-  float *dxp = dXP.data_ptr<float>(), *part_all = part.data_ptr<float>();
+  float *dg_all = dG.data_ptr<float>(), *part_all = part.data_ptr<float>();
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
@@ -243,9 +248,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         float* pp = part_all + at::get_thread_num() * (3 * H + G);  // d w_ci, d w_cf, d w_co
         float* pb = pp + 3 * H;                                         // d bias
         for (int64_t b = b0; b < b1; ++b) {
-          float* dxb = dxp + (t * B + b) * G;
+          float* dgb = dg_all + (t * B + b) * G;
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
-            std::fill(dxb, dxb + G, 0.f);
+            std::fill(dgb, dgb + G, 0.f);
             if constexpr (S::gate_rec) std::fill(dq + b * 3 * H, dq + (b + 1) * 3 * H, 0.f);
             continue;
           }
@@ -262,7 +267,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             using Tp = std::remove_pointer_t<decltype(tag)>;
             auto put = [&](int block, const Tp& v) {
               const int64_t i = block * H + k;
-              st(dxb + i, v);
+              st(dgb + i, v);
               st(pb + i, ld(pb + i, tag) + v);
             };
             Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag),
@@ -321,7 +326,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           });
         }
       });
-      gemm_cols(dxp + t * B * G, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+      gemm_cols(dg_all + t * B * G, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
       float* dhn = dHn.data_ptr<float>();
       if (zoned)  // the kept part of h's gradient, past the step
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -345,12 +350,12 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       }
     }
   });
-  at::Tensor dW = at::mm(dXP.view({T * B, G}).t(), Hprev.view({T * B, H}));
+  at::Tensor dW = at::mm(dG.view({T * B, G}).t(), XH.view({T * B, W}));
   at::Tensor p = part.sum(0);
   at::Tensor dbias = p.narrow(0, 3 * H, G), dpeep = p.narrow(0, 0, 3 * H).view({3, H});
-  if (!fgr) return {dXP, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
+  if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
-  return {dXP, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
+  return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
 }
 
 // Zoneout's draws for a (T, B, H) sequence: 1 where a unit keeps its previous h (probability ph) or c (pc), else
