@@ -2,9 +2,10 @@
 // cell clip optional, tanh activation, and Greff et al.'s variants): forward and backward over a whole
 // sequence, float32.
 //
-// The same scheme as ln_lstm.cpp, whose translation unit includes this file: the recurrent GEMMs split by
-// columns over the threads (gemm_cols), everything between two GEMMs one vectorised pass per batch row, the
-// peepholes' gradients accumulated per thread, the recurrent weight's gradient one GEMM after the loop.
+// The same scheme as ln_lstm.cpp, whose translation unit includes this file: one GEMM per step, the input's and
+// the recurrent one together ([x_t, h_{t-1}] [W_ih W_hh]^T), split by columns over the threads (gemm_cols),
+// everything between two GEMMs one vectorised pass per batch row, the bias' and peepholes' gradients accumulated
+// per thread, both weights' gradients one GEMM after the loop.
 // Each variant is its own instantiation (Spec<V>), so the vanilla cell pays nothing for the others.
 // Built and loaded by rnnsearch.cells.ln_lstm_kernel, used by rnnsearch.cells.lstm_kernel.
 #pragma once
