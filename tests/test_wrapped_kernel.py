@@ -224,12 +224,15 @@ def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Ten
 
 
 @pytest.mark.parametrize("options,lengths", [({}, None), ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
-                                             ({"variant": "CIFG", "use_peepholes": True}, LENGTHS)],
-                         ids=["plain", "peepholes-clip-lengths", "CIFG"])
+                                             ({"variant": "CIFG", "use_peepholes": True}, LENGTHS),
+                                             ({"input_size": 7}, LENGTHS)],
+                         ids=["plain", "peepholes-clip-lengths", "CIFG", "input-7-lengths"])
 def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(options, lengths, monkeypatch):
     """Training: the kernel's own draws (recorded) give what the wrapper's step computes with them, in float64."""
     torch.manual_seed(0)
-    cell = create_wrapper("zoneout", create_cell("lstm", input_size=H, hidden_size=H, **options), h_prob=0.3,
+    options = dict(options)
+    inputs = options.pop("input_size", H)  # the kernel's rows are [x_t, h_{t-1}]: a width other than H too
+    cell = create_wrapper("zoneout", create_cell("lstm", input_size=inputs, hidden_size=H, **options), h_prob=0.3,
                           c_prob=0.6)
     with torch.no_grad():
         cell.cell.weight_ih.mul_(4.0)  # large enough for the clip to bite
@@ -237,7 +240,7 @@ def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(option
     cell.sequence_runner = ChunkRunner(4)
     draws, draw = [], lstm_kernel.zoneout_draws
     monkeypatch.setattr(lstm_kernel, "zoneout_draws", lambda *a: draws.append(draw(*a)) or draws[-1])
-    x = torch.randn(B, T, H, generator=torch.Generator().manual_seed(2))
+    x = torch.randn(B, T, inputs, generator=torch.Generator().manual_seed(2))
     fused = _run(cell, x, lengths)
     assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0
     ((zh, zc),) = draws

@@ -84,20 +84,18 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-// C (M, N) = A (M, K) @ B, row-major: B (K, N), or with bt B (N, K) used transposed (a weight as stored, no
-// transposed copy); A's rows lda apart (0: K, contiguous), C contiguous. The per-step GEMMs are small (M = batch),
-// and one BLAS call splits them badly over threads: here each thread computes its own block of C's columns with
-// a single-threaded sgemm (BLAS runs serially inside a parallel region), 9–19% faster per call on the
-// project's 2-core CPU at H = 128 and 256 (docs/performance.md).
-void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N, int64_t lda = 0,
-               bool bt = false) {
-  if (lda == 0) lda = K;
+// C (M, N) = A (M, K) @ B, all row-major and contiguous: B (K, N), or with bt B (N, K) used transposed (a weight
+// as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
+// badly over threads: here each thread computes its own block of C's columns with a single-threaded sgemm (BLAS
+// runs serially inside a parallel region), 9–19% faster per call on the project's earlier 2-core CPU at H = 128
+// and 256 (untransposed B; docs/performance.md).
+void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N, bool bt = false) {
   if (sgemm_ == nullptr || at::get_num_threads() < 2) {
     auto opts = at::TensorOptions().dtype(at::kFloat);
     at::Tensor C = at::from_blob(c, {M, N}, opts);
     at::Tensor Bm = bt ? at::from_blob(const_cast<float*>(b), {N, K}, opts).t()
                        : at::from_blob(const_cast<float*>(b), {K, N}, opts);
-    at::mm_out(C, at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opts), Bm);
+    at::mm_out(C, at::from_blob(const_cast<float*>(a), {M, K}, opts), Bm);
     return;
   }
   const int64_t parts = at::get_num_threads();
@@ -105,14 +103,13 @@ void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, i
     for (int64_t p = p0; p < p1; ++p) {
       // column-major view: C^T (N, M) = B^T (N, K) @ A^T (K, M), on the block of columns [n0, n1)
       const int n0 = static_cast<int>(N * p / parts), nn = static_cast<int>(N * (p + 1) / parts) - n0;
-      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N),
-                la = static_cast<int>(lda);
+      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N);
       const float one = 1.f, zero = 0.f;
       if (nn <= 0) continue;
       if (bt)  // B^T's rows [n0, n0 + nn) are the stored B's rows: column-major (K, N), taken transposed
-        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &la, &zero, c + n0, &n);
+        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &k, &zero, c + n0, &n);
       else
-        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &la, &zero, c + n0, &n);
+        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &k, &zero, c + n0, &n);
     }
   });
 }

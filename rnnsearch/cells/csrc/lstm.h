@@ -2,8 +2,9 @@
 // cell clip optional, tanh activation, and Greff et al.'s variants): forward and backward over a whole
 // sequence, float32.
 //
-// The same scheme as ln_lstm.cpp, whose translation unit includes this file: one GEMM per step, the input's and
-// the recurrent one together ([x_t, h_{t-1}] [W_ih W_hh]^T), split by columns over the threads (gemm_cols),
+// ln_lstm.cpp's scheme (its translation unit includes this file), with the input inside: one GEMM per step, the
+// input's and the recurrent one together ([x_t, h_{t-1}] [W_ih W_hh]^T; ln_lstm normalises the two apart and
+// takes the input's product made for the whole sequence), split by columns over the threads (gemm_cols),
 // everything between two GEMMs one vectorised pass per batch row, the bias' and peepholes' gradients accumulated
 // per thread, both weights' gradients one GEMM after the loop.
 // Each variant is its own instantiation (Spec<V>), so the vanilla cell pays nothing for the others.
@@ -33,7 +34,7 @@ constexpr int kVariants = 8;
 template <int V> struct Spec {
   static constexpr bool has_i = V != 1, has_f = V != 2 && V != 6, has_o = V != 3;
   static constexpr bool coupled = V == 6, act_g = V != 4, act_c = V != 5, gate_rec = V == 7;
-  static constexpr int gates = 1 + has_i + has_f + has_o;  // blocks of H columns in XP and W_hh, in order i f g o
+  static constexpr int gates = 1 + has_i + has_f + has_o;  // blocks of H rows in W_cat and the bias, in order i f g o
   static constexpr int oi = 0, of = has_i, og = has_i + has_f, oo = og + 1;  // their column blocks
 };
 
@@ -105,11 +106,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
         *tc_all = Tc.data_ptr<float>(), *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
-    TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " projected input columns for ", S::gates, " gates of ", H);
+    TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " weight rows for ", S::gates, " gates of ", H);
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     for (int64_t t = 0; t < T; ++t) {
-      gemm_cols(xh + t * B * W, W_cat.data_ptr<float>(), r_p, B, W, G, 0, true);  // step t's rows [x_t, h_{t-1}]
-      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, W_gr.data_ptr<float>(), r2_p, B, 3 * H, 3 * H, 0, true);
+      gemm_cols(xh + t * B * W, W_cat.data_ptr<float>(), r_p, B, W, G, true);  // step t's rows [x_t, h_{t-1}]
+      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, W_gr.data_ptr<float>(), r2_p, B, 3 * H, 3 * H, true);
       const bool last = t + 1 == T;
       float* hn = last ? hT.data_ptr<float>() : xh + (t + 1) * B * W + I;  // rows hn_row apart
       const int64_t hn_row = last ? H : W;
@@ -225,7 +226,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   const int nthreads = at::get_num_threads();
   at::Tensor dG = at::empty({T, B, G}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
-  at::Tensor part = at::zeros({nthreads, 3 * H + G}, opts);  // the peepholes' and the bias' gradients, per thread
+  // per thread: the peepholes' gradients, and one step's rows of the bias' (then added to a float64 sum, so that a
+  // long sequence's sum keeps its precision)
+  at::Tensor part = at::zeros({nthreads, 3 * H + G}, opts);
+  at::Tensor bias_sum = at::zeros({nthreads, G}, opts.dtype(at::kDouble));
+  double* bsum_all = bias_sum.data_ptr<double>();
   // FGR: the gradient of the gate state s_t, (B, 3H), carried backwards like dH
   at::Tensor dS = fgr ? dsT.contiguous().clone() : at::empty({0}, opts), dSn = at::empty({fgr ? B : 0, 3 * H}, opts);
   float* dq_all = fgr ? dQ.data_ptr<float>() : nullptr;
@@ -246,8 +251,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>();
       float *ds = fgr ? dS.data_ptr<float>() : nullptr, *dq = fgr ? dq_all + t * B * 3 * H : nullptr;
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-        float* pp = part_all + at::get_thread_num() * (3 * H + G);  // d w_ci, d w_cf, d w_co
-        float* pb = pp + 3 * H;                                         // d bias
+        const int tid = at::get_thread_num();
+        float* pp = part_all + tid * (3 * H + G);  // d w_ci, d w_cf, d w_co
+        float* pb = pp + 3 * H;                    // d bias, this step's rows
+        std::fill(pb, pb + G, 0.f);
         for (int64_t b = b0; b < b1; ++b) {
           float* dgb = dg_all + (t * B + b) * G;
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
@@ -326,6 +333,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             st(dcb + k, dcp);
           });
         }
+        double* bsum = bsum_all + tid * G;
+        for (int64_t i = 0; i < G; ++i) bsum[i] += pb[i];
       });
       gemm_cols(dg_all + t * B * G, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
       float* dhn = dHn.data_ptr<float>();
@@ -352,8 +361,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     }
   });
   at::Tensor dW = at::mm(dG.view({T * B, G}).t(), XH.view({T * B, W}));
-  at::Tensor p = part.sum(0);
-  at::Tensor dbias = p.narrow(0, 3 * H, G), dpeep = p.narrow(0, 0, 3 * H).view({3, H});
+  at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
   if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
   return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
