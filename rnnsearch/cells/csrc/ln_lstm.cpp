@@ -35,7 +35,6 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   at::Tensor out = at::empty({B, T, H}, opts);
   at::Tensor hT = at::empty({B, H}, opts);
   at::Tensor R = at::empty({B, G}, opts);
-  at::Tensor W_t = W_hh.t().contiguous();  // (H, 4H)
   Hprev[0].copy_(h0);
   Cprev[0].copy_(c0);
   const float *a_p = A.data_ptr<float>(), *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(),
@@ -46,7 +45,7 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
         *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>(),
         *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
-    gemm_cols(h_all + t * B * H, W_t.data_ptr<float>(), r_p, B, H, G);
+    gemm_cols(h_all + t * B * H, W_hh.data_ptr<float>(), r_p, B, H, G, true);  // W_hh as stored, read transposed
     float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
     float* cn = c_all + (t + 1) * B * H;
     const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
