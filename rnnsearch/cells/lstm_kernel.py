@@ -5,8 +5,9 @@ One job. ``csrc/lstm.h`` is a hand-written forward and backward pass of a whole
 ``ln_lstm``'s kernel with the input inside: one GEMM per step, ``[x_t, h_{t-1}] [W_ih W_hh]^T``, split by
 columns over the threads, everything between two GEMMs one vectorised pass per batch row (the bias added
 there), the bias' and peepholes' gradients accumulated per thread, both weights' gradients one GEMM after the
-loop over the saved rows ``[x_t, h_{t-1}]``, and the input's one more. It is part of the same extension (one build per machine, built and
-loaded by :mod:`rnnsearch.cells.ln_lstm_kernel`), and replaces inductor's compiled chunks for the cell on the CPU.
+loop over the saved rows ``[x_t, h_{t-1}]``, and the input's one more. It is part of the same extension (one
+build per machine, built and loaded by :mod:`rnnsearch.cells.ln_lstm_kernel`), and replaces inductor's
+compiled chunks for the cell on the CPU.
 
 It runs where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of the registry's own ``lstm`` (a subclass that
@@ -54,7 +55,8 @@ class LSTMSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_ih: Tensor, h0: Tensor, c0: Tensor, s0: Tensor, W_hh: Tensor, bias: Tensor,
                 W_gr: Tensor, w_ci: Tensor, w_cf: Tensor, w_co: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor,
-                Mh: Tensor, forget_bias: float, cell_clip: float, variant: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                Mh: Tensor, forget_bias: float, cell_clip: float, variant: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         ext = ln_lstm_kernel.load()
         B, T, I = x.shape
         H = h0.shape[1]
@@ -148,8 +150,9 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
             zh, zc = (torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
+    mh = none if state_dropout is None else state_dropout.contiguous()
     out, hT, cT, sT = LSTMSequence.apply(x, cell.weight_ih, state[0], state[1], state[2] if fgr else none,
                                          cell.weight_hh, cell.bias_ih + cell.bias_hh, cell.weight_gr if fgr else none,
-                                         *peep, valid, zh, zc, none if state_dropout is None else state_dropout.contiguous(),
-                                         cell.forget_bias, cell.cell_clip or 0.0, VARIANTS[cell.variant])
+                                         *peep, valid, zh, zc, mh, cell.forget_bias, cell.cell_clip or 0.0,
+                                         VARIANTS[cell.variant])
     return out, ((hT, cT, sT) if fgr else (hT, cT))

@@ -103,6 +103,19 @@ class CellWrapper(RNNCell):
                 and all(_owner(cls, m) is _owner(owner, m) for m in ("project_input", "recur", "start_sequence"))
                 and self.cell.kernel_applies(device_type, dtype, amp, steps))
 
+    def _lstm_kernel_runs_me(self, own: type["CellWrapper"], methods: tuple[str, ...], device_type: str,
+                             dtype: torch.dtype, amp: Optional[torch.dtype], steps: int) -> bool:
+        """Whether ``lstm``'s kernel can do this wrapper's work inside the recurrence (zoneout, state dropout).
+
+        A bare ``lstm`` inside, whose kernel applies, and ``own``'s versions of ``methods`` (the step methods and
+        helpers the kernel reproduces): a subclass that redefines one runs the step loop.
+        """
+        cls = type(self)
+        return (all(_owner(cls, m) is _owner(own, m)
+                    for m in ("project_input", "recur", "start_sequence", "kernel_sequence", *methods))
+                and self.cell.kernel_applies(device_type, dtype, amp, steps)
+                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps))
+
 
 def _mask(shape: tuple[int, ...], keep: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Inverted-dropout mask: 1/keep with probability keep, else 0."""
@@ -173,11 +186,7 @@ class DropoutWrapper(CellWrapper):
         if self.acts_outside_recurrence():
             return super().kernel_applies(device_type, dtype, amp, steps)
         # state dropout: around a bare lstm, lstm's kernel drops the state it passes on itself
-        cls = type(self)
-        return (all(_owner(cls, m) is _owner(DropoutWrapper, m)
-                    for m in ("project_input", "recur", "start_sequence", "_drop", "kernel_sequence"))
-                and self.cell.kernel_applies(device_type, dtype, amp, steps)
-                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps))
+        return self._lstm_kernel_runs_me(DropoutWrapper, ("_drop",), device_type, dtype, amp, steps)
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
         # the step loop's draws, on the whole sequence: dropout's masks are independent per step and unit anyway
@@ -348,11 +357,8 @@ class ZoneoutWrapper(CellWrapper):
 
     def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
         # around a bare lstm (not FGR, whose third state the kernel would not zone), lstm's kernel zones the state
-        cls = type(self)
-        return (all(_owner(cls, m) is _owner(ZoneoutWrapper, m)
-                    for m in ("project_input", "recur", "start_sequence", "_zone", "kernel_sequence"))
-                and self.cell.kernel_applies(device_type, dtype, amp, steps)
-                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps) and self.cell.variant != "FGR")
+        return (self._lstm_kernel_runs_me(ZoneoutWrapper, ("_zone",), device_type, dtype, amp, steps)
+                and self.cell.variant != "FGR")
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
         return lstm_kernel.forward_sequence(self.cell, x, state, lengths,
