@@ -67,6 +67,21 @@ def _kernel_calls(cell: LayerNormLSTMCell) -> int:
     return cell.sequence_runner.kernel_calls
 
 
+def _assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple) -> None:
+    """Every tensor of the kernel's run within 3x the float32 cell's worst relative error of the float64 run (+1e-6)."""
+
+    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
+        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
+        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
+    checks += [(3, name, f"grad {name}") for name in exact[3]]
+    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + 1e-6  # float32's own rounding, 3 times
+    assert bound < 1e-3
+    for i, name, what in checks:
+        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
+
+
 @pytest.mark.parametrize("options,lengths,with_state", [
     ({}, None, False),
     ({"forget_bias": 0.3, "eps": 1e-3}, LENGTHS, True),
@@ -84,21 +99,33 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
     assert _kernel_calls(cell) == 1 and cell.sequence_runner.compiled_calls == 0, "the kernel ran, not inductor"
     if lengths is not None:
         assert (kernel[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros"
-
-    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
-        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
-        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
-
-    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
-    checks += [(3, name, f"grad {name}") for name in exact[3]]
-    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + 1e-6  # float32's own rounding, 3 times
-    assert bound < 1e-3
-    for i, name, what in checks:
-        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
+    _assert_as_close_as_float32(exact, generic, kernel)
 
 
-def test_on_one_thread_the_kernel_s_gemms_are_at_mm_s_and_as_exact(eager_compile):
-    """With several threads each takes a block of a GEMM's columns (its own sgemm); with one, at::mm runs it."""
+@pytest.mark.parametrize("batch,hidden,threads", [(13, 40, 2), (64, 80, 2), (13, 40, 3), (7, 16, 1)],
+                         ids=["3-panels", "5-panels-full-tiles", "3-threads", "1-thread"])
+def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, eager_compile):
+    """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
+    over the threads, and each panel's rows too where the panels do not divide among them: batches and widths that
+    leave part-filled tiles, and panel counts the threads do not divide, match float64 as closely as the cell does."""
+    x = torch.randn(batch, 9, IN, generator=torch.Generator().manual_seed(3))
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = _run(_cell(hidden).double(), x, None, False)
+        generic = _run(_cell(hidden), x, None, False)
+        cell = _cell(hidden)
+        cell.sequence_runner = ChunkRunner(4)
+        kernel = _run(cell, x, None, False)
+    finally:
+        torch.set_num_threads(kept)
+    assert _kernel_calls(cell) == 1
+    _assert_as_close_as_float32(exact, generic, kernel)
+
+
+def test_on_one_thread_the_kernel_is_as_exact(eager_compile):
+    """With several threads each takes a share of a GEMM's columns; with one, it runs them all (at::mm, where the
+    micro-kernel is not built)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -44,8 +44,9 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(),
         *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>(),
         *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
+  const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), H, G, true);  // W_hh as stored, read transposed
   for (int64_t t = 0; t < T; ++t) {
-    gemm_cols(h_all + t * B * H, W_hh.data_ptr<float>(), r_p, B, H, G, true);  // W_hh as stored, read transposed
+    gemm_packed(h_all + t * B * H, w_hh, r_p, B);
     float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
     float* cn = c_all + (t + 1) * B * H;
     const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
@@ -142,6 +143,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
               *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>();
   float *dr_all = dR.data_ptr<float>(), *da = dA.data_ptr<float>(), *p4_all = part4.data_ptr<float>(),
         *p1_all = part1.data_ptr<float>(), *scr_all = scratch.data_ptr<float>();
+  const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
   for (int64_t t = T - 1; t >= 0; --t) {
     const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *rh = rh_all + t * B * G,
                 *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H, *sp = s_all + t * B * STATS;
@@ -221,7 +223,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         }
       }
     });
-    gemm_cols(dr, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+    gemm_packed(dr, w_hh, dHn.data_ptr<float>(), B);
     if (masked) {  // rows past their length carry dh unchanged
       float* dhn = dHn.data_ptr<float>();
       for (int64_t b = 0; b < B; ++b)

@@ -108,9 +108,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " weight rows for ", S::gates, " gates of ", H);
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
+    const PackedB w_cat = pack_b(W_cat.data_ptr<float>(), W, G, true);  // the weights as stored, read transposed
+    const PackedB w_gr = S::gate_rec ? pack_b(W_gr.data_ptr<float>(), 3 * H, 3 * H, true) : PackedB{};
     for (int64_t t = 0; t < T; ++t) {
-      gemm_cols(xh + t * B * W, W_cat.data_ptr<float>(), r_p, B, W, G, true);  // step t's rows [x_t, h_{t-1}]
-      if constexpr (S::gate_rec) gemm_cols(s_all + t * B * 3 * H, W_gr.data_ptr<float>(), r2_p, B, 3 * H, 3 * H, true);
+      gemm_packed(xh + t * B * W, w_cat, r_p, B);  // step t's rows [x_t, h_{t-1}]
+      if constexpr (S::gate_rec) gemm_packed(s_all + t * B * 3 * H, w_gr, r2_p, B);
       const bool last = t + 1 == T;
       float* hn = last ? hT.data_ptr<float>() : xh + (t + 1) * B * W + I;  // rows hn_row apart
       const int64_t hn_row = last ? H : W;
@@ -245,6 +247,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
+    const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
+    const PackedB w_gr = S::gate_rec ? pack_b(W_gr.data_ptr<float>(), 3 * H, 3 * H, false) : PackedB{};
     for (int64_t t = T - 1; t >= 0; --t) {
       const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * 4 * H,
                   *tcp = tc_all + t * B * H;
@@ -336,7 +340,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         double* bsum = bsum_all + tid * G;
         for (int64_t i = 0; i < G; ++i) bsum[i] += pb[i];
       });
-      gemm_cols(dg_all + t * B * G, W_hh.data_ptr<float>(), dHn.data_ptr<float>(), B, G, H);
+      gemm_packed(dg_all + t * B * G, w_hh, dHn.data_ptr<float>(), B);
       float* dhn = dHn.data_ptr<float>();
       if (zoned)  // the kept part of h's gradient, past the step
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
@@ -350,7 +354,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       }
       std::swap(dH, dHn);
       if constexpr (S::gate_rec) {  // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
-        gemm_cols(dq, W_gr.data_ptr<float>(), dSn.data_ptr<float>(), B, 3 * H, 3 * H);
+        gemm_packed(dq, w_gr, dSn.data_ptr<float>(), B);
         if (masked) {
           float *dsn = dSn.data_ptr<float>();
           for (int64_t b = 0; b < B; ++b)
