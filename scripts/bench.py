@@ -83,21 +83,37 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20) -> float:
-    """Matmul throughput of this machine (GFLOP/s), best of a few rounds."""
-    if device.type == "cuda":
-        n, reps = 4096, 50
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    torch.mm(a, b)
+def gflops(mm: Callable[[], Any], flop: float, reps: int, device: torch.device) -> float:
+    """GFLOP/s of ``mm`` (``flop`` each call), best of three rounds of ``reps`` calls."""
+    mm()
     best = 0.0
     for _ in range(3):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
-            torch.mm(a, b)
+            mm()
         sync(device)
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9)
+        best = max(best, flop * reps / (time.perf_counter() - t0) / 1e9)
     return best
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 20) -> float:
+    """Matmul throughput of this machine (GFLOP/s): ``torch.mm`` of two n x n matrices, best of a few rounds."""
+    if device.type == "cuda":
+        n, reps = 4096, 50
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    return gflops(lambda: torch.mm(a, b), 2 * n**3, reps, device)
+
+
+def kernel_gemm_gflops() -> Optional[float]:
+    """The CPU kernels' own GEMM throughput at a step's shape, (64 x 256) @ (256 x 1024), where their AVX-512
+    micro-kernel is built (None elsewhere: they call the BLAS that torch.mm calls). On a CPU whose BLAS does not use
+    AVX-512 (MKL on AMD takes its AVX2 path) it exceeds torch.mm's, and is the better measure of the machine."""
+    ext = ln_lstm_kernel.load() if ln_lstm_kernel.capability() == "AVX512" else None
+    if ext is None:
+        return None
+    a, w = torch.randn(64, 256), torch.randn(1024, 256)  # 100 steps' products over one packing of w, as in a sequence
+    return gflops(lambda: ext.packed_mm(a, w, True, 100), 100 * 2 * 64 * 256 * 1024, 4, torch.device("cpu"))
 
 
 #: The benchmarked cells: the registry cell config (sizes added), and the torch.nn module of the same size it is
@@ -271,11 +287,15 @@ def paired_ratio(base: list[float], path: list[float]) -> tuple[float, float, fl
 
 def speed_table(args: argparse.Namespace, device: torch.device, amp: Optional[torch.dtype]) -> None:
     peak = gemm_gflops(device, amp or torch.float32)
+    own = kernel_gemm_gflops() if device.type == "cpu" and amp is None else None
+    measured = f"{peak:.1f} GFLOP/s" if own is None else (
+        f"{max(peak, own):.1f} GFLOP/s (torch.mm {peak:.1f}, the kernels' micro-kernel at a step's shape {own:.1f})")
+    peak = max(peak, own or 0.0)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     load = f"; load average {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     heap = "freed memory kept (rnnsearch.heap)" if args.heap_kept else "glibc's default heap"
     print(f"torch {torch.__version__} on {device.type} ({where}); {'bf16' if amp else 'float32'} GEMM peak "
-          f"{peak:.1f} GFLOP/s{load}; {heap}")
+          f"{measured}{load}; {heap}")
     print(f"batch {args.batch}, length {args.steps}, input {args.input}; training step = forward + backward + Adam"
           f"{'; bf16 autocast' if amp else ''}; compiled chunk {args.chunk} steps\n")
     grid = (itertools.product(args.cells.split(","), [128, 256], [1], [False]) if args.quick

@@ -424,3 +424,18 @@ def test_a_graph_freed_by_the_collector_inside_take_hands_back_without_deadlock(
     worker.join(10)
     assert not worker.is_alive(), "take() deadlocked on its own lock"
     assert [len(v) for k, v in ws._free.items() if k[0] == (3,)] == [1], "the collected node's buffer is free"
+
+
+@pytest.mark.parametrize("m,k,n", [(64, 256, 1024), (13, 40, 100), (1, 7, 3)])
+def test_the_kernels_gemm_matches_torch_mm(m, k, n):
+    """packed_mm, the kernels' per-step GEMM over a whole matrix (AVX-512's micro-kernel, else at::mm), as torch.mm,
+    with its right-hand side stored either way, computed once or over one packing several times."""
+    ext = ln_lstm_kernel.load()
+    if ext is None:
+        pytest.skip("the kernel extension could not be built here")
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(m, k, generator=g), torch.randn(k, n, generator=g)
+    expected = torch.mm(a.double(), b.double())
+    for got in (ext.packed_mm(a, b, False), ext.packed_mm(a, b.t().contiguous(), True), ext.packed_mm(a, b, False, 3)):
+        assert got.shape == (m, n)
+        assert (got.double() - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

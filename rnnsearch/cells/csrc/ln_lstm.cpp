@@ -236,6 +236,27 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   return {dA, dH, dC, dW, s4[2], s4[1], s4[0], s1[0], s1[1]};
 }
 
+// a (M, K) @ b: b (K, N), or with bt (N, K) used transposed; float32, contiguous. A whole sequence's product
+// through the per-step GEMMs' micro-kernel (gemm_packed) where it is built, else at::mm. repeat > 1 computes it
+// that many times over one packing of b, as the kernels' steps do (for scripts/bench.py's measure of it).
+at::Tensor packed_mm(const at::Tensor& a, const at::Tensor& b, bool bt, int64_t repeat) {
+  check(a, "packed_mm's a");
+  check(b, "packed_mm's b");
+  const int64_t M = a.size(0), K = a.size(1), N = bt ? b.size(0) : b.size(1);
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && (bt ? b.size(1) : b.size(0)) == K, "packed_mm: ", a.sizes(), " @ ",
+              b.sizes(), bt ? " transposed" : "");
+#if defined(CPU_CAPABILITY_AVX512)
+  at::Tensor c = at::empty({M, N}, a.options());
+  const PackedB p = pack_b(b.data_ptr<float>(), K, N, bt);
+  for (int64_t r = 0; r < std::max<int64_t>(repeat, 1); ++r) gemm_packed(a.data_ptr<float>(), p, c.data_ptr<float>(), M);
+  return c;
+#else
+  at::Tensor c;
+  for (int64_t r = 0; r < std::max<int64_t>(repeat, 1); ++r) c = bt ? at::mm(a, b.t()) : at::mm(a, b);
+  return c;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ATen's own calls need no GIL: other Python threads (a tracker's, say) run meanwhile
   m.def("forward", &ln_lstm_forward, "ln_lstm sequence forward (float32, CPU)",
@@ -246,6 +267,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("lstm_backward", &lstm_backward, "lstm sequence backward (float32, CPU)",
         py::call_guard<py::gil_scoped_release>());
+  m.def("packed_mm", &packed_mm, "a @ b (or b transposed) through the micro-kernel (float32, CPU)",
+        py::arg("a"), py::arg("b"), py::arg("bt"), py::arg("repeat") = 1, py::call_guard<py::gil_scoped_release>());
   m.def("zoneout_draws", &zoneout_draws, "zoneout's 0/1 draws for a (T, B, H) sequence",
         py::call_guard<py::gil_scoped_release>());
 }
