@@ -439,3 +439,25 @@ def test_the_kernels_gemm_matches_torch_mm(m, k, n):
     for got in (ext.packed_mm(a, b, False), ext.packed_mm(a, b.t().contiguous(), True), ext.packed_mm(a, b, False, 3)):
         assert got.shape == (m, n)
         assert (got.double() - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("rows,m,n,threads", [(1100, 40, 160, 2), (1100, 40, 160, 3), (600, 288, 1024, 2),
+                                              (5, 7, 3, 1), (0, 4, 5, 2)],
+                         ids=["3-panels", "3-threads", "lstm-256", "tiny-1-thread", "no-rows"])
+def test_the_kernels_weight_gradient_gemm_matches_torch_mm(rows, m, n, threads):
+    """gemm_tn, x^T @ y over a sequence's rows (the weights' gradients): blocks of rows not a multiple of its block,
+    part-filled tiles and panels, panels split over threads unevenly (then rows too), and no rows at all."""
+    ext = ln_lstm_kernel.load()
+    if ext is None:
+        pytest.skip("the kernel extension could not be built here")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(rows, m, generator=g), torch.randn(rows, n, generator=g)
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ext.gemm_tn(x, y)
+    finally:
+        torch.set_num_threads(kept)
+    expected = torch.mm(x.double().t(), y.double())
+    assert got.shape == (m, n)
+    assert (got.double() - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

@@ -226,6 +226,100 @@ void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// C's rows [0, MR) and one panel's 64 columns, over kc steps: C (ldc apart) (+)= X^T Y, with X's block packed
+// as (kc, 6) (row r of C is X's column r) and Y's as (kc, kPanel), C stored under the panel's column masks.
+template <int MR>
+inline void tn_tile(const float* x, const float* y, int64_t kc, float* c, int64_t ldc, const __mmask16* mask,
+                    bool accumulate) {
+  __m512 acc[MR][4];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask[j], c + r * ldc + j * 16) : _mm512_setzero_ps();
+  for (int64_t k = 0; k < kc; ++k) {
+    const float *yk = y + k * kPanel, *xk = x + k * 6;
+    const __m512 b0 = _mm512_loadu_ps(yk), b1 = _mm512_loadu_ps(yk + 16), b2 = _mm512_loadu_ps(yk + 32),
+                 b3 = _mm512_loadu_ps(yk + 48);
+    for (int r = 0; r < MR; ++r) {
+      const __m512 v = _mm512_set1_ps(xk[r]);
+      acc[r][0] = _mm512_fmadd_ps(v, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(v, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(v, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(v, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask[j], acc[r][j]);
+}
+#endif
+
+// C (M, N) = X^T Y for X (K, M), Y (K, N), row-major and contiguous: a weight's gradient over a whole sequence's
+// rows (K = steps x batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's
+// 64-column panels (and of C's rows, where the panels do not divide among the threads) and goes through K in
+// blocks of kTnBlock rows, packing the block's X (in tiles of 6 columns) and each of its panels of Y before it
+// multiplies them (read in place, rows 4 KiB apart would share cache sets); else at::mm.
+constexpr int64_t kTnBlock = 512;
+at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
+  const int64_t K = X.size(0), M = X.size(1), N = Y.size(1);
+#if defined(CPU_CAPABILITY_AVX512)
+  at::Tensor C = at::zeros({M, N}, X.options());
+  if (K == 0 || M == 0 || N == 0) return C;
+  const float *x = X.data_ptr<float>(), *y = Y.data_ptr<float>();
+  float* c = C.data_ptr<float>();
+  const int64_t panels = (N + kPanel - 1) / kPanel, tiles = (M + 5) / 6, parts = at::get_num_threads();
+  const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
+  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel), zero padded
+  at::Tensor Xp = at::zeros({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::zeros({parts, kTnBlock, kPanel}, X.options());
+  at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i0 = items * t / parts, i1 = items * (t + 1) / parts;
+      if (i0 >= i1) continue;
+      float *xp = Xp.data_ptr<float>() + t * tiles * kTnBlock * 6, *yp = Yp.data_ptr<float>() + t * kTnBlock * kPanel;
+      // the tiles this thread's items use: all, or its one item's slice (slices split at tile bounds)
+      const bool all = slices == 1 || i1 - i0 > 1;
+      const int64_t tile0 = all ? 0 : tiles * (i0 % slices) / slices;
+      const int64_t tile1 = all ? tiles : tiles * (i0 % slices + 1) / slices;
+      for (int64_t k0 = 0; k0 < K; k0 += kTnBlock) {
+        const int64_t kc = std::min(kTnBlock, K - k0);
+        for (int64_t tile = tile0; tile < tile1; ++tile) {
+          const int64_t m0 = tile * 6, w = std::min<int64_t>(6, M - m0);
+          const __mmask16 cols = static_cast<__mmask16>((1u << w) - 1);
+          float* d = xp + tile * kTnBlock * 6;
+          const float* src = x + k0 * M + m0;
+          for (int64_t k = 0; k < kc; ++k)  // 6 (or w) floats a row: one masked load and store
+            _mm512_mask_storeu_ps(d + k * 6, cols, _mm512_maskz_loadu_ps(cols, src + k * M));
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t q = i / slices, s = i % slices, n0 = q * kPanel, w = std::min(kPanel, N - n0);
+          for (int64_t k = 0; k < kc; ++k) std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
+          __mmask16 mask[4];
+          for (int j = 0; j < 4; ++j) {
+            const int64_t left = w - j * 16;
+            mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+          }
+          for (int64_t tile = tiles * s / slices; tile < tiles * (s + 1) / slices; ++tile) {
+            const int64_t m = tile * 6;
+            const float* xt = xp + tile * kTnBlock * 6;
+            float* ct = c + m * N + n0;
+            switch (std::min<int64_t>(6, M - m)) {
+              case 6: tn_tile<6>(xt, yp, kc, ct, N, mask, true); break;
+              case 5: tn_tile<5>(xt, yp, kc, ct, N, mask, true); break;
+              case 4: tn_tile<4>(xt, yp, kc, ct, N, mask, true); break;
+              case 3: tn_tile<3>(xt, yp, kc, ct, N, mask, true); break;
+              case 2: tn_tile<2>(xt, yp, kc, ct, N, mask, true); break;
+              default: tn_tile<1>(xt, yp, kc, ct, N, mask, true); break;
+            }
+          }
+        }
+      }
+    }
+  });
+  return C;
+#else
+  return at::mm(X.t(), Y);
+#endif
+}
+
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "ln_lstm kernel: ", name,
               " must be a contiguous float32 CPU tensor");

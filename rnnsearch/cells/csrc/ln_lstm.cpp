@@ -231,7 +231,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
     }
     std::swap(dH, dHn);
   }
-  at::Tensor dW = at::mm(dR.view({T * B, G}).t(), Hprev.view({T * B, H}));
+  at::Tensor dW = gemm_tn(Hprev.view({T * B, H}), dR.view({T * B, G})).t().contiguous();
   at::Tensor s4 = part4.sum(0), s1 = part1.sum(0);
   return {dA, dH, dC, dW, s4[2], s4[1], s4[0], s1[0], s1[1]};
 }
@@ -269,6 +269,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("packed_mm", &packed_mm, "a @ b (or b transposed) through the micro-kernel (float32, CPU)",
         py::arg("a"), py::arg("b"), py::arg("bt"), py::arg("repeat") = 1, py::call_guard<py::gil_scoped_release>());
+  m.def("gemm_tn", [](const at::Tensor& x, const at::Tensor& y) {
+          check(x, "gemm_tn's x");
+          check(y, "gemm_tn's y");
+          TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "gemm_tn: ", x.sizes(), ", ", y.sizes());
+          return gemm_tn(x, y);
+        }, "x^T @ y through the micro-kernel (float32, CPU)", py::call_guard<py::gil_scoped_release>());
   m.def("zoneout_draws", &zoneout_draws, "zoneout's 0/1 draws for a (T, B, H) sequence",
         py::call_guard<py::gil_scoped_release>());
 }

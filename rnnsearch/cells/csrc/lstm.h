@@ -364,10 +364,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       }
     }
   });
-  at::Tensor dW = at::mm(dG.view({T * B, G}).t(), XH.view({T * B, W}));
+  at::Tensor dW = gemm_tn(XH.view({T * B, W}), dG.view({T * B, G})).t().contiguous();  // [W_ih W_hh]'s
   at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
   if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
-  at::Tensor dWgr = at::mm(dQ.view({T * B, 3 * H}).t(), S.narrow(0, 0, T).reshape({T * B, 3 * H}));
+  at::Tensor dWgr = gemm_tn(S.narrow(0, 0, T).reshape({T * B, 3 * H}), dQ.view({T * B, 3 * H})).t().contiguous();
   return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
 }
 
