@@ -36,9 +36,9 @@ def eager_compile(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **k: fn)
 
 
-def _cell(hidden: int = H, **options: Any) -> LayerNormLSTMCell:
+def _cell(hidden: int = H, inputs: int = IN, **options: Any) -> LayerNormLSTMCell:
     torch.manual_seed(0)
-    cell = LayerNormLSTMCell(IN, hidden, **options)
+    cell = LayerNormLSTMCell(inputs, hidden, **options)
     with torch.no_grad():  # gains and biases away from their initial ones, so each gradient path is exercised
         for p in (cell.ln_ih_weight, cell.ln_hh_weight, cell.ln_c_weight):
             p.uniform_(0.5, 1.5)
@@ -102,19 +102,21 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
     _assert_as_close_as_float32(exact, generic, kernel)
 
 
-@pytest.mark.parametrize("batch,hidden,threads", [(13, 40, 2), (64, 80, 2), (13, 40, 3), (7, 16, 1)],
-                         ids=["3-panels", "5-panels-full-tiles", "3-threads", "1-thread"])
-def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, eager_compile):
+@pytest.mark.parametrize("batch,hidden,threads,inputs", [(13, 40, 2, IN), (64, 80, 2, IN), (13, 40, 3, IN),
+                                                        (7, 16, 1, IN), (13, 24, 2, 70)],
+                         ids=["3-panels", "5-panels-full-tiles", "3-threads", "1-thread", "wide-input"])
+def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
+                                                                         eager_compile):
     """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
     over the threads, and each panel's rows too where the panels do not divide among them: batches and widths that
     leave part-filled tiles, and panel counts the threads do not divide, match float64 as closely as the cell does."""
-    x = torch.randn(batch, 9, IN, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(batch, 9, inputs, generator=torch.Generator().manual_seed(3))
     kept = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        exact = _run(_cell(hidden).double(), x, None, False)
-        generic = _run(_cell(hidden), x, None, False)
-        cell = _cell(hidden)
+        exact = _run(_cell(hidden, inputs).double(), x, None, False)
+        generic = _run(_cell(hidden, inputs), x, None, False)
+        cell = _cell(hidden, inputs)
         cell.sequence_runner = ChunkRunner(4)
         kernel = _run(cell, x, None, False)
     finally:

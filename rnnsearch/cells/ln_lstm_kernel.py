@@ -192,31 +192,39 @@ def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
 
 
 class LNLSTMSequence(torch.autograd.Function):
-    """A whole ``ln_lstm`` sequence: forward and backward in the C++ kernel."""
+    """A whole ``ln_lstm`` sequence, its input's projection included: forward and backward in the C++ kernel."""
 
     @staticmethod
-    def forward(ctx: Any, A: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, g_ih: Tensor, g_hh: Tensor,
-                bias: Tensor, g_c: Tensor, b_c: Tensor, valid: Tensor, forget_bias: float, eps: float
+    def forward(ctx: Any, x: Tensor, W_ih: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, g_ih: Tensor,
+                g_hh: Tensor, bias: Tensor, g_c: Tensor, b_c: Tensor, valid: Tensor, forget_bias: float, eps: float
                 ) -> tuple[Tensor, Tensor, Tensor]:
         ext = load()
+        x = x.contiguous()
+        A = torch.nn.functional.linear(x, W_ih).contiguous()  # (B, T, 4H): the input's products, before their norm
         B, T, G = A.shape
         bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), A)
-        W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_hh, g_ih, g_hh, bias, g_c, b_c))
+        W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c))
         out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
                                   float(forget_bias), float(eps), *bufs)
-        ctx.save_for_backward(A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
+        ctx.save_for_backward(x, W_ih, A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
         WORKSPACE.give_when_freed(ctx, bufs)
         return out, hT, cT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
-        A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
+        x, W_ih, A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
         B, T, G = A.shape
+        ext = load()
         (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)  # a work buffer: back right after
-        grads = load().backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
+        dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
         WORKSPACE.give([dR])
-        return (*grads, None, None, None)
+        # the projection's gradients: W_ih's as x^T dA over every (row, step), in the kernels' GEMM (MKL's is slow
+        # for a narrow input: an output only as wide as the input)
+        dA2, x2 = dA.view(B * T, G), x.view(B * T, -1)
+        dx = torch.mm(dA2, W_ih).view_as(x) if ctx.needs_input_grad[0] else None
+        dW_ih = ext.gemm_tn(x2, dA2).t() if ctx.needs_input_grad[1] else None
+        return (dx, dW_ih, *grads, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -266,7 +274,7 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
     if inputs is None:
         return None
     (h0, c0), valid = inputs
-    A = torch.nn.functional.linear(x, cell.weight_ih).contiguous()
-    out, hT, cT = LNLSTMSequence.apply(A, h0, c0, cell.weight_hh, cell.ln_ih_weight, cell.ln_hh_weight, cell.bias,
-                                       cell.ln_c_weight, cell.ln_c_bias, valid, cell.forget_bias, cell.eps)
+    out, hT, cT = LNLSTMSequence.apply(x, cell.weight_ih, h0, c0, cell.weight_hh, cell.ln_ih_weight,
+                                       cell.ln_hh_weight, cell.bias, cell.ln_c_weight, cell.ln_c_bias, valid,
+                                       cell.forget_bias, cell.eps)
     return out, (hT, cT)
