@@ -187,8 +187,8 @@ WORKSPACE = Workspace()
 
 def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    # h_{t-1}; c_{t-1} and c_T; r̂; the gates; tanh of the normalised cell; stats
-    return [(T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]
+    # the input's products; h_{t-1}; c_{t-1} and c_T; r̂; the gates; tanh of the normalised cell; stats
+    return [(T, B, 4 * H), (T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]
 
 
 class LNLSTMSequence(torch.autograd.Function):
@@ -200,24 +200,23 @@ class LNLSTMSequence(torch.autograd.Function):
                 ) -> tuple[Tensor, Tensor, Tensor]:
         ext = load()
         x = x.contiguous()
-        A = torch.nn.functional.linear(x, W_ih).contiguous()  # (B, T, 4H): the input's products, before their norm
-        B, T, G = A.shape
-        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), A)
+        (B, T, _), G = x.shape, W_hh.shape[0]
+        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), x)  # the input's products A (T, B, 4H) first
         W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c))
-        out, hT, cT = ext.forward(A, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
+        out, hT, cT = ext.forward(x, W_ih, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
                                   float(forget_bias), float(eps), *bufs)
-        ctx.save_for_backward(x, W_ih, A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
+        ctx.save_for_backward(x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
         WORKSPACE.give_when_freed(ctx, bufs)
         return out, hT, cT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, W_ih, A, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
-        B, T, G = A.shape
+        x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
+        (B, T, _), G = x.shape, W_hh.shape[0]
         ext = load()
-        (dR,) = WORKSPACE.take([(T, B, G)], A, fresh_drops_others=False)  # a work buffer: back right after
-        dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, A, *bufs, valid, dR)
+        (dR,) = WORKSPACE.take([(T, B, G)], x, fresh_drops_others=False)  # a work buffer: back right after
+        dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR)
         WORKSPACE.give([dR])
         # the projection's gradients: W_ih's as x^T dA over every (row, step), in the kernels' GEMM (MKL's is slow
         # for a narrow input: an output only as wide as the input)

@@ -88,18 +88,20 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-// C (M, N) = A (M, K) @ B, all row-major and contiguous: B (K, N), or with bt B (N, K) used transposed (a weight
-// as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
+// C (M, N) = A (M, K) @ B, all row-major, A's rows lda apart (K: contiguous), B and C contiguous: B (K, N), or with
+// bt B (N, K) used transposed (a weight as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
 // badly over threads: here each thread computes its own block of C's columns with a single-threaded sgemm (BLAS
 // runs serially inside a parallel region), 9–19% faster per call on the project's earlier 2-core CPU at H = 128
 // and 256 (untransposed B; docs/performance.md).
-void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N, bool bt = false) {
+void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N, bool bt = false,
+               int64_t lda = 0) {
+  if (lda <= 0) lda = K;
   if (sgemm_ == nullptr || at::get_num_threads() < 2) {
     auto opts = at::TensorOptions().dtype(at::kFloat);
     at::Tensor C = at::from_blob(c, {M, N}, opts);
     at::Tensor Bm = bt ? at::from_blob(const_cast<float*>(b), {N, K}, opts).t()
                        : at::from_blob(const_cast<float*>(b), {K, N}, opts);
-    at::mm_out(C, at::from_blob(const_cast<float*>(a), {M, K}, opts), Bm);
+    at::mm_out(C, at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opts), Bm);
     return;
   }
   const int64_t parts = at::get_num_threads();
@@ -107,13 +109,13 @@ void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, i
     for (int64_t p = p0; p < p1; ++p) {
       // column-major view: C^T (N, M) = B^T (N, K) @ A^T (K, M), on the block of columns [n0, n1)
       const int n0 = static_cast<int>(N * p / parts), nn = static_cast<int>(N * (p + 1) / parts) - n0;
-      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N);
+      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N), la = static_cast<int>(lda);
       const float one = 1.f, zero = 0.f;
       if (nn <= 0) continue;
       if (bt)  // B^T's rows [n0, n0 + nn) are the stored B's rows: column-major (K, N), taken transposed
-        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &k, &zero, c + n0, &n);
+        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &la, &zero, c + n0, &n);
       else
-        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &k, &zero, c + n0, &n);
+        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &la, &zero, c + n0, &n);
     }
   });
 }
@@ -184,7 +186,7 @@ inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t 
 }
 
 // Rows [m0, m1) of C against panel q.
-inline void panel_rows(const float* a, const PackedB& p, float* c, int64_t q, int64_t m0, int64_t m1) {
+inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, int64_t q, int64_t m0, int64_t m1) {
   constexpr int MR = 6;
   const int64_t K = p.K, N = p.N, n0 = q * kPanel;
   const float* panel = p.buf.data_ptr<float>() + q * K * kPanel;
@@ -194,23 +196,24 @@ inline void panel_rows(const float* a, const PackedB& p, float* c, int64_t q, in
     mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
   }
   int64_t m = m0;
-  for (; m + MR <= m1; m += MR) panel_tile<MR>(a + m * K, K, panel, K, c + m * N + n0, N, mask);
-  const float* ar = a + m * K;
+  for (; m + MR <= m1; m += MR) panel_tile<MR>(a + m * lda, lda, panel, K, c + m * N + n0, N, mask);
+  const float* ar = a + m * lda;
   float* cr = c + m * N + n0;
   switch (m1 - m) {
-    case 1: panel_tile<1>(ar, K, panel, K, cr, N, mask); break;
-    case 2: panel_tile<2>(ar, K, panel, K, cr, N, mask); break;
-    case 3: panel_tile<3>(ar, K, panel, K, cr, N, mask); break;
-    case 4: panel_tile<4>(ar, K, panel, K, cr, N, mask); break;
-    case 5: panel_tile<5>(ar, K, panel, K, cr, N, mask); break;
+    case 1: panel_tile<1>(ar, lda, panel, K, cr, N, mask); break;
+    case 2: panel_tile<2>(ar, lda, panel, K, cr, N, mask); break;
+    case 3: panel_tile<3>(ar, lda, panel, K, cr, N, mask); break;
+    case 4: panel_tile<4>(ar, lda, panel, K, cr, N, mask); break;
+    case 5: panel_tile<5>(ar, lda, panel, K, cr, N, mask); break;
     default: break;
   }
 }
 #endif
 
-// C (M, N) = A (M, K) @ B, A and C row-major and contiguous, B packed by pack_b. Each thread takes its share of
+// C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C contiguous, B packed by pack_b. Each thread takes its share of
 // the panels, and where the panels do not divide evenly among the threads, of each panel's rows.
-void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M) {
+void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t lda = 0) {
+  if (lda <= 0) lda = p.K;
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t panels = p.buf.size(0), parts = at::get_num_threads();
   const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
@@ -218,11 +221,11 @@ void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = items * t / parts; i < items * (t + 1) / parts; ++i) {
         const int64_t q = i / slices, s = i % slices;
-        panel_rows(a, p, c, q, M * s / slices, M * (s + 1) / slices);
+        panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
       }
   });
 #else
-  gemm_cols(a, p.src, c, M, p.K, p.N, p.bt);
+  gemm_cols(a, p.src, c, M, p.K, p.N, p.bt, lda);
 #endif
 }
 

@@ -17,18 +17,24 @@ constexpr int64_t STATS = 14;
 }  // namespace
 
 
-// A (B, T, 4H) raw input products; h0, c0 (B, H); valid (T, B) bool or empty. Fills the saved tensors
-// (Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Rhat, Acts (T, B, 4H); Tc (T, B, H):
-// tanh of the normalised cell; Stats (T, B, STATS)) and returns out (B, T, H), hT, cT.
-std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h0, const at::Tensor& c0,
-                                        const at::Tensor& W_hh, const at::Tensor& g_ih, const at::Tensor& g_hh,
-                                        const at::Tensor& bias, const at::Tensor& g_c, const at::Tensor& b_c,
-                                        const at::Tensor& valid, double forget_bias, double eps_d,
-                                        const at::Tensor& Hprev, const at::Tensor& Cprev, const at::Tensor& Rhat,
-                                        const at::Tensor& Acts, const at::Tensor& Tc, const at::Tensor& Stats) {
-  for (auto* p : {&A, &h0, &c0, &W_hh, &g_ih, &g_hh, &bias, &g_c, &b_c, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats})
+// x (B, T, I) the input, W_ih (4H, I); h0, c0 (B, H); valid (T, B) bool or empty. Each step's input products
+// x_t W_ih^T are one more GEMM of the step's (a narrow input's product over the whole sequence is slow, and its
+// pass over memory costs more than the step's GEMM). Fills the saved tensors (A (T, B, 4H): the input products;
+// Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Rhat, Acts (T, B, 4H); Tc (T, B, H): tanh of
+// the normalised cell; Stats (T, B, STATS)) and returns out (B, T, H), hT, cT.
+std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W_ih, const at::Tensor& h0,
+                                        const at::Tensor& c0, const at::Tensor& W_hh, const at::Tensor& g_ih,
+                                        const at::Tensor& g_hh, const at::Tensor& bias, const at::Tensor& g_c,
+                                        const at::Tensor& b_c, const at::Tensor& valid, double forget_bias,
+                                        double eps_d, const at::Tensor& A, const at::Tensor& Hprev,
+                                        const at::Tensor& Cprev, const at::Tensor& Rhat, const at::Tensor& Acts,
+                                        const at::Tensor& Tc, const at::Tensor& Stats) {
+  for (auto* p : {&x, &W_ih, &A, &h0, &c0, &W_hh, &g_ih, &g_hh, &bias, &g_c, &b_c, &Hprev, &Cprev, &Rhat, &Acts,
+                  &Tc, &Stats})
     check(*p, "every tensor");
-  const int64_t B = A.size(0), T = A.size(1), G = A.size(2), H = G / 4;
+  const int64_t B = x.size(0), T = x.size(1), I = x.size(2), G = W_hh.size(0), H = G / 4;
+  TORCH_CHECK(W_ih.size(0) == G && W_ih.size(1) == I && A.size(0) == T && A.size(1) == B && A.size(2) == G,
+              "ln_lstm kernel: input ", x.sizes(), ", W_ih ", W_ih.sizes(), ", A ", A.sizes(), " for ", H, " units");
   const bool masked = valid.numel() > 0;
   const float fb = static_cast<float>(forget_bias), eps = static_cast<float>(eps_d);
   auto opts = A.options();
@@ -37,15 +43,19 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   at::Tensor R = at::empty({B, G}, opts);
   Hprev[0].copy_(h0);
   Cprev[0].copy_(c0);
-  const float *a_p = A.data_ptr<float>(), *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(),
-              *bs = bias.data_ptr<float>(), *gc = g_c.data_ptr<float>(), *bc = b_c.data_ptr<float>();
+  const float *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(), *bs = bias.data_ptr<float>(),
+              *gc = g_c.data_ptr<float>(), *bc = b_c.data_ptr<float>();
+  float* a_p = A.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   // step t's slices by pointer arithmetic: a tensor per slice would cost microseconds a step
   float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(),
         *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>(),
         *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
-  const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), H, G, true);  // W_hh as stored, read transposed
+  const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), H, G, true);  // the weights as stored, read transposed
+  const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), I, G, true);
+  const float* x_p = x.data_ptr<float>();
   for (int64_t t = 0; t < T; ++t) {
+    gemm_packed(x_p + t * I, w_ih, a_p + t * B * G, B, T * I);  // x_t's rows, T * I apart
     gemm_packed(h_all + t * B * H, w_hh, r_p, B);
     float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
     float* cn = c_all + (t + 1) * B * H;
@@ -60,7 +70,7 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
           std::fill(o, o + H, 0.f);
           continue;
         }
-        const float *a = a_p + (b * T + t) * G, *r = r_p + b * G;
+        const float *a = a_p + (t * B + b) * G, *r = r_p + b * G;
         float *rhb = rh + b * G, *acb = ac + b * G, *s = sp + b * STATS;
         float ma[4], mr[4];
         for (int j = 0; j < 4; ++j) {
@@ -115,8 +125,9 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& A, const at::Tensor& h
   return {out, hT, Cprev[T].clone()};
 }
 
-// Gradients of ln_lstm_forward: returns dA, dh0, dc0, dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. dR (T, B, 4H) is a
-// work buffer; every saved tensor is left as it was (a second backward with retain_graph reads them again).
+// Gradients of ln_lstm_forward: returns dA (B, T, 4H; the input products'), dh0, dc0, dW_hh, dg_ih, dg_hh, dbias,
+// dg_c, db_c. dR (T, B, 4H) is a work buffer; every saved tensor is left as it was (a second backward with
+// retain_graph reads them again).
 // Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
 // passes: the sums ride along with the pass that makes dy, the result with the pass that uses it; the
 // normalised values (ŷ of the input products and of the cell) are recomputed from the stats, not saved.
@@ -195,7 +206,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           st(dcb + k, dct * sf);
         });
         const float* rhb = rh + b * G;
-        const float* a = a_p + (b * T + t) * G;
+        const float* a = a_p + (t * B + b) * G;
         for (int j = 0; j < 4; ++j) {  // each gate block: its gains' and bias' sums, then both layer norms
           const float ma = s[9 + j], ra = s[j], rr = s[4 + j];
           Acc r1, r2, a1, a2;
