@@ -387,11 +387,15 @@ def memory_table(args: argparse.Namespace, device: torch.device, amp: Optional[t
           f"{' (bf16 autocast)' if amp else ''}; {how}\n")
     sizes = [(h, t) for h in ([128, 256] if not args.quick else [256]) for t in (100, 1000)]
     header = f"{'H':>4} {'T':>5} | " + " | ".join(f"{'(' + p + ') ' + PATHS[p]:>16}" for p in args.paths)
+    runs = make_models(kind, 2, 8, 1, False, args.paths, args.chunk)  # (b) is absent where the fused path cannot run
     print(header)
     print("-" * len(header))
     for hidden, steps in sizes:
         cells = []
         for p in args.paths:
+            if p not in runs:
+                cells.append(f"{'-':>16}")
+                continue
             if device.type == "cuda":
                 mib = measure_memory(p, steps, hidden, device, args.chunk, amp, kind)
             else:  # a fresh process each: the allocator's high-water mark is per process

@@ -219,9 +219,12 @@ class LNLSTMSequence(torch.autograd.Function):
         dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR)
         WORKSPACE.give([dR])
         # the projection's gradients: W_ih's as x^T dA over every (row, step), in the kernels' GEMM (MKL's is slow
-        # for a narrow input: an output only as wide as the input)
+        # for a narrow input: an output only as wide as the input); the input's there too where it is as wide as
+        # one of its panels (MKL's was faster for a narrower one)
         dA2, x2 = dA.view(B * T, G), x.view(B * T, -1)
-        dx = torch.mm(dA2, W_ih).view_as(x) if ctx.needs_input_grad[0] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (ext.packed_mm(dA2, W_ih, False) if W_ih.shape[1] >= 64 else torch.mm(dA2, W_ih)).view_as(x)
         dW_ih = ext.gemm_tn(x2, dA2).t() if ctx.needs_input_grad[1] else None
         return (dx, dW_ih, *grads, None, None, None)
 
