@@ -67,8 +67,8 @@ def _kernel_calls(cell: LayerNormLSTMCell) -> int:
     return cell.sequence_runner.kernel_calls
 
 
-def _assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple) -> None:
-    """Every tensor of the kernel's run within 3x the float32 cell's worst relative error of the float64 run (+1e-6)."""
+def _assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple, slack: float = 1e-6) -> None:
+    """Every tensor of the kernel's run within 3x the float32 cell's worst relative error of the float64 run (+slack)."""
 
     def error(run: tuple, i: int, name: Optional[str] = None) -> float:
         a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
@@ -76,7 +76,7 @@ def _assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple) -> 
 
     checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
     checks += [(3, name, f"grad {name}") for name in exact[3]]
-    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + 1e-6  # float32's own rounding, 3 times
+    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + slack  # float32's own rounding, 3 times
     assert bound < 1e-3
     for i, name, what in checks:
         assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
@@ -122,7 +122,9 @@ def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, 
     finally:
         torch.set_num_threads(kept)
     assert _kernel_calls(cell) == 1
-    _assert_as_close_as_float32(exact, generic, kernel)
+    # a broken tile or panel is off by 0.1 or more; the AVX2 build's rounding (the exp_u20 of its own vector
+    # width, other summation orders) came to 7.5e-6 where the float32 cell's came to 1.6e-6 on these small shapes
+    _assert_as_close_as_float32(exact, generic, kernel, slack=2e-5)
 
 
 def test_on_one_thread_the_kernel_is_as_exact(eager_compile):
