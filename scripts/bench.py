@@ -83,11 +83,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def gflops(mm: Callable[[], Any], flop: float, reps: int, device: torch.device) -> float:
-    """GFLOP/s of ``mm`` (``flop`` each call), best of three rounds of ``reps`` calls."""
+def gflops(mm: Callable[[], Any], flop: float, reps: int, device: torch.device, rounds: int = 3) -> float:
+    """GFLOP/s of ``mm`` (``flop`` each call), best of ``rounds`` rounds of ``reps`` calls."""
     mm()
     best = 0.0
-    for _ in range(3):
+    for _ in range(rounds):
         sync(device)
         t0 = time.perf_counter()
         for _ in range(reps):
@@ -113,7 +113,7 @@ def kernel_gemm_gflops() -> Optional[float]:
     if ext is None:
         return None
     a, w = torch.randn(64, 256), torch.randn(1024, 256)  # 100 steps' products over one packing of w, as in a sequence
-    return gflops(lambda: ext.packed_mm(a, w, True, 100), 100 * 2 * 64 * 256 * 1024, 4, torch.device("cpu"))
+    return gflops(lambda: ext.packed_mm(a, w, True, 100), 100 * 2 * 64 * 256 * 1024, 10, torch.device("cpu"), rounds=5)
 
 
 #: The benchmarked cells: the registry cell config (sizes added), and the torch.nn module of the same size it is
