@@ -120,13 +120,15 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
 
 
 @pytest.mark.parametrize("batch,hidden,threads,inputs", [(13, 40, 2, IN), (64, 80, 2, IN), (13, 40, 3, IN),
-                                                        (7, 16, 1, IN), (13, 24, 2, 70)],
-                         ids=["3-panels", "5-panels-full-tiles", "3-threads", "1-thread", "wide-input"])
+                                                        (7, 16, 1, IN), (13, 24, 2, 70), (50, 40, 3, IN)],
+                         ids=["3-panels", "5-panels-by-rows", "3-threads", "1-thread", "wide-input",
+                              "by-rows-3-threads"])
 def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
                                                                          eager_compile):
     """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
-    over the threads, and each panel's rows too where the panels do not divide among them: batches and widths that
-    leave part-filled tiles, and panel counts the threads do not divide, match float64 as closely as the cell does."""
+    over the threads (and each panel's rows too where the panels do not divide among them), or for small weights and
+    enough rows the rows: batches and widths that leave part-filled tiles, panel counts the threads do not divide,
+    and both splits match float64 as closely as the cell does."""
     x = torch.randn(batch, 9, inputs, generator=torch.Generator().manual_seed(3))
     kept = torch.get_num_threads()
     torch.set_num_threads(threads)
