@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -260,6 +261,35 @@ inline void tn_tile(const float* x, const float* y, int64_t kc, float* c, int64_
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask[j], acc[r][j]);
 }
 #endif
+
+// Rows [m0, m1) of C (M, N) = A @ B (B packed by pack_b; A's rows lda apart, 0: K), every column, on the calling
+// thread: for a kernel whose threads each take their own batch rows through the whole sequence (rows_apart).
+void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m1, int64_t lda = 0) {
+  if (lda <= 0) lda = p.K;
+  if (m1 <= m0) return;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int64_t q = 0; q < p.buf.size(0); ++q) panel_rows(a, lda, p, c, q, m0, m1);
+#else
+  auto opts = at::TensorOptions().dtype(at::kFloat);
+  const int64_t K = p.K, N = p.N;
+  at::Tensor C = at::from_blob(c + m0 * N, {m1 - m0, N}, opts);
+  at::Tensor Bm = p.bt ? at::from_blob(const_cast<float*>(p.src), {N, K}, opts).t()
+                       : at::from_blob(const_cast<float*>(p.src), {K, N}, opts);
+  at::mm_out(C, at::from_blob(const_cast<float*>(a + m0 * lda), {m1 - m0, K}, {lda, 1}, opts), Bm);
+#endif
+}
+
+// Whether a kernel's threads should each take their own share of the batch rows through the whole sequence, with
+// no barrier between steps (a row's steps depend on that row alone): on the micro-kernel's build, with two tiles
+// of rows or more per thread.
+inline bool rows_apart(int64_t B) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t parts = at::get_num_threads();
+  return parts > 1 && B >= 12 * parts && std::getenv("RNN_NOAPART") == nullptr;
+#else
+  return false;
+#endif
+}
 
 // C (M, N) = X^T Y for X (K, M), Y (K, N), row-major and contiguous: a weight's gradient over a whole sequence's
 // rows (K = steps x batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's

@@ -54,14 +54,13 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
   const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), H, G, true);  // the weights as stored, read transposed
   const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), I, G, true);
   const float* x_p = x.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    gemm_packed(x_p + t * I, w_ih, a_p + t * B * G, B, T * I);  // x_t's rows, T * I apart
-    gemm_packed(h_all + t * B * H, w_hh, r_p, B);
+  // step t for rows [b0, b1): everything after the step's GEMMs
+  auto step_rows = [&](int64_t t, int64_t b0, int64_t b1) {
     float* hn = t + 1 < T ? h_all + (t + 1) * B * H : hT.data_ptr<float>();
     float* cn = c_all + (t + 1) * B * H;
     const float *hp = h_all + t * B * H, *cp = c_all + t * B * H;
     float *rh = rh_all + t * B * G, *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H, *sp = s_all + t * B * STATS;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    {
       for (int64_t b = b0; b < b1; ++b) {
         float* o = op + (b * T + t) * H;
         if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
@@ -120,7 +119,26 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
           st(o + k, h);
         });
       }
+    }
+  };
+  if (rows_apart(B)) {  // each thread its own rows, through every step
+    const int64_t parts = at::get_num_threads();
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+        for (int64_t t = 0; t < T; ++t) {
+          gemm_rows(x_p + t * I, w_ih, a_p + t * B * G, b0, b1, T * I);  // x_t's rows, T * I apart
+          gemm_rows(h_all + t * B * H, w_hh, r_p, b0, b1);
+          step_rows(t, b0, b1);
+        }
+      }
     });
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      gemm_packed(x_p + t * I, w_ih, a_p + t * B * G, B, T * I);  // x_t's rows, T * I apart
+      gemm_packed(h_all + t * B * H, w_hh, r_p, B);
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, b0, b1); });
+    }
   }
   return {out, hT, Cprev[T].clone()};
 }
@@ -155,11 +173,13 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   float *dr_all = dR.data_ptr<float>(), *da = dA.data_ptr<float>(), *p4_all = part4.data_ptr<float>(),
         *p1_all = part1.data_ptr<float>(), *scr_all = scratch.data_ptr<float>();
   const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
-  for (int64_t t = T - 1; t >= 0; --t) {
+  // step t for rows [b0, b1), from h's gradient dh (rows of B x H): everything before the step's GEMM
+  float* dc = dC.data_ptr<float>();
+  auto step_rows = [&](int64_t t, const float* dh, int64_t b0, int64_t b1) {
     const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *rh = rh_all + t * B * G,
                 *ac = ac_all + t * B * G, *tcp = tc_all + t * B * H, *sp = s_all + t * B * STATS;
-    float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>(), *dr = dr_all + t * B * G;
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    float* dr = dr_all + t * B * G;
+    {
       const int tid = at::get_thread_num();
       float* p4 = p4_all + tid * 3 * G;  // dbias, dg_hh, dg_ih partial sums
       float* p1 = p1_all + tid * 2 * H;  // dg_c, db_c
@@ -175,7 +195,8 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         }
         const float *acb = ac + b * G, *cnb = cn + b * H, *tcb = tcp + b * H, *s = sp + b * STATS,
                     *dob = do_p + (b * T + t) * H;
-        float *dhb = dh + b * H, *dcb = dc + b * H;
+        const float* dhb = dh + b * H;
+        float* dcb = dc + b * H;
         const float mc = s[13], rc = s[8];
         Acc c1, c2;
         lanes(H, [&](auto* tag, int64_t k) {
@@ -233,14 +254,37 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           });
         }
       }
-    });
-    gemm_packed(dr, w_hh, dHn.data_ptr<float>(), B);
-    if (masked) {  // rows past their length carry dh unchanged
-      float* dhn = dHn.data_ptr<float>();
-      for (int64_t b = 0; b < B; ++b)
-        if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
     }
-    std::swap(dH, dHn);
+  };
+  // rows past their length carry dh unchanged
+  auto carry_rows = [&](int64_t t, const float* dh, float* dhn, int64_t b0, int64_t b1) {
+    if (masked)
+      for (int64_t b = b0; b < b1; ++b)
+        if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
+  };
+  if (rows_apart(B)) {  // each thread its own rows, through every step (dH and dHn swapped per thread)
+    const int64_t parts = at::get_num_threads();
+    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+        float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
+        for (int64_t t = T - 1; t >= 0; --t) {
+          step_rows(t, dh, b0, b1);
+          gemm_rows(dr_all + t * B * G, w_hh, dhn, b0, b1);
+          carry_rows(t, dh, dhn, b0, b1);
+          std::swap(dh, dhn);
+        }
+      }
+    });
+    if (T % 2 == 1) std::swap(dH, dHn);
+  } else {
+    for (int64_t t = T - 1; t >= 0; --t) {
+      float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
+      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, b0, b1); });
+      gemm_packed(dr_all + t * B * G, w_hh, dhn, B);
+      carry_rows(t, dh, dhn, 0, B);
+      std::swap(dH, dHn);
+    }
   }
   at::Tensor dW = gemm_tn(Hprev.view({T * B, H}), dR.view({T * B, G})).t().contiguous();
   at::Tensor s4 = part4.sum(0), s1 = part1.sum(0);
