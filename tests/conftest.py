@@ -35,6 +35,27 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["1-thread", "2-threads", "2-threads-rows-apart"])
+def kernel_threads(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Runs a kernel test three ways: on one thread; on two, a step's GEMMs split between them; and on two, each
+    thread taking its own batch rows through the whole sequence (which the kernels do from 12 rows a thread; lowered
+    to 1 here, so the tests' small batches take that route too; AVX-512 builds only)."""
+    from rnnsearch.cells import ln_lstm_kernel
+
+    ext = ln_lstm_kernel.load()
+    if request.param == "2-threads-rows-apart" and (ext is None or ln_lstm_kernel.capability() != "AVX512"):
+        pytest.skip("rows apart: the micro-kernel's (AVX-512) route only")
+    threads = torch.get_num_threads()
+    before = ext.set_rows_apart_min(1 if request.param.endswith("apart") else 10**9) if ext is not None else None
+    torch.set_num_threads(1 if request.param == "1-thread" else 2)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(threads)
+        if ext is not None:
+            ext.set_rows_apart_min(before)
+
+
 @pytest.fixture(scope="session")
 def conf_dir() -> Path:
     return CONF_DIR

@@ -26,6 +26,8 @@ from rnnsearch.cells import ln_lstm_kernel
 from rnnsearch.cells.ln_lstm import LayerNormLSTMCell
 from rnnsearch.compile import ChunkRunner, decide
 
+pytestmark = pytest.mark.usefixtures("kernel_threads")  # each test on one thread, two, and rows apart
+
 B, T, IN, H = 5, 23, 7, 24
 LENGTHS = torch.tensor([23, 4, 17, 1, 22])  # unsorted, one of length 1
 

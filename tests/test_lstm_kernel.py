@@ -24,6 +24,8 @@ from rnnsearch.cells import ln_lstm_kernel, lstm_kernel
 from rnnsearch.cells.lstm import LSTMCell
 from rnnsearch.compile import ChunkRunner
 
+pytestmark = pytest.mark.usefixtures("kernel_threads")  # each test on one thread, two, and rows apart
+
 B, T, IN, H = 5, 23, 7, 24
 LENGTHS = torch.tensor([23, 4, 17, 1, 22])  # unsorted, one of length 1
 

@@ -26,6 +26,8 @@ from rnnsearch.cells.base import RNNCell
 from rnnsearch.cells.wrappers import DropoutWrapper
 from rnnsearch.compile import ChunkRunner
 
+pytestmark = pytest.mark.usefixtures("kernel_threads")  # each test on one thread, two, and rows apart
+
 B, T, H = 5, 23, 16
 LENGTHS = torch.tensor([23, 4, 17, 1, 22])
 

@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
@@ -280,12 +279,13 @@ void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m
 }
 
 // Whether a kernel's threads should each take their own share of the batch rows through the whole sequence, with
-// no barrier between steps (a row's steps depend on that row alone): on the micro-kernel's build, with two tiles
-// of rows or more per thread.
+// no barrier between steps (a row's steps depend on that row alone): on the micro-kernel's build, with
+// rows_apart_min rows or more per thread (two tiles; the tests lower it to run both routes).
+int64_t rows_apart_min = 12;
 inline bool rows_apart(int64_t B) {
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t parts = at::get_num_threads();
-  return parts > 1 && B >= 12 * parts && std::getenv("RNN_NOAPART") == nullptr;
+  return parts > 1 && B >= rows_apart_min * parts;
 #else
   return false;
 #endif

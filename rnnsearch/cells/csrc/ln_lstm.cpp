@@ -330,6 +330,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "gemm_tn: ", x.sizes(), ", ", y.sizes());
           return gemm_tn(x, y);
         }, "x^T @ y through the micro-kernel (float32, CPU)", py::call_guard<py::gil_scoped_release>());
+  m.def("set_rows_apart_min", [](int64_t rows) {
+          const int64_t before = rows_apart_min;
+          rows_apart_min = std::max<int64_t>(rows, 1);
+          return before;
+        }, "rows a thread needs to take its own rows through a whole sequence (default 12); returns the old value");
   m.def("zoneout_draws", &zoneout_draws, "zoneout's 0/1 draws for a (T, B, H) sequence",
         py::call_guard<py::gil_scoped_release>());
 }

@@ -110,16 +110,15 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     const PackedB w_cat = pack_b(W_cat.data_ptr<float>(), W, G, true);  // the weights as stored, read transposed
     const PackedB w_gr = S::gate_rec ? pack_b(W_gr.data_ptr<float>(), 3 * H, 3 * H, true) : PackedB{};
-    for (int64_t t = 0; t < T; ++t) {
-      gemm_packed(xh + t * B * W, w_cat, r_p, B);  // step t's rows [x_t, h_{t-1}]
-      if constexpr (S::gate_rec) gemm_packed(s_all + t * B * 3 * H, w_gr, r2_p, B);
+    // step t for rows [b0, b1): everything after the step's GEMMs
+    auto step_rows = [&](int64_t t, int64_t b0, int64_t b1) {
       const bool last = t + 1 == T;
       float* hn = last ? hT.data_ptr<float>() : xh + (t + 1) * B * W + I;  // rows hn_row apart
       const int64_t hn_row = last ? H : W;
       float* cn = c_all + (t + 1) * B * H;
       const float *hp = xh + t * B * W + I, *cp = c_all + t * B * H;  // rows W apart
       float *ac = ac_all + t * B * 4 * H, *tcp = tc_all + t * B * H;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      {
         for (int64_t b = b0; b < b1; ++b) {
           float* o = op + (b * T + t) * H;
           if (masked && !vp[t * B + b]) {  // past this row's length: carry the state, output zeros
@@ -190,7 +189,26 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
             st(o + k, h);
           });
         }
+      }
+    };
+    if (rows_apart(B)) {  // each thread its own rows, through every step
+      const int64_t parts = at::get_num_threads();
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+          for (int64_t t = 0; t < T; ++t) {
+            gemm_rows(xh + t * B * W, w_cat, r_p, b0, b1);  // step t's rows [x_t, h_{t-1}]
+            if constexpr (S::gate_rec) gemm_rows(s_all + t * B * 3 * H, w_gr, r2_p, b0, b1);
+            step_rows(t, b0, b1);
+          }
+        }
       });
+    } else {
+      for (int64_t t = 0; t < T; ++t) {
+        gemm_packed(xh + t * B * W, w_cat, r_p, B);  // step t's rows [x_t, h_{t-1}]
+        if constexpr (S::gate_rec) gemm_packed(s_all + t * B * 3 * H, w_gr, r2_p, B);
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, b0, b1); });
+      }
     }
   });
   return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
@@ -249,12 +267,13 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     TORCH_CHECK(fgr == S::gate_rec, "lstm kernel: W_gr is for FGR only, and FGR needs it");
     const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
     const PackedB w_gr = S::gate_rec ? pack_b(W_gr.data_ptr<float>(), 3 * H, 3 * H, false) : PackedB{};
-    for (int64_t t = T - 1; t >= 0; --t) {
+    float* dc = dC.data_ptr<float>();
+    // step t for rows [b0, b1), from h's gradient dh and FGR's gate state's ds: everything before the step's GEMMs
+    auto step_rows = [&](int64_t t, const float* dh, const float* ds, int64_t b0, int64_t b1) {
       const float *cp = c_all + t * B * H, *cn = c_all + (t + 1) * B * H, *ac = ac_all + t * B * 4 * H,
                   *tcp = tc_all + t * B * H;
-      float *dh = dH.data_ptr<float>(), *dc = dC.data_ptr<float>();
-      float *ds = fgr ? dS.data_ptr<float>() : nullptr, *dq = fgr ? dq_all + t * B * 3 * H : nullptr;
-      at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      float* dq = fgr ? dq_all + t * B * 3 * H : nullptr;
+      {
         const int tid = at::get_thread_num();
         float* pp = part_all + tid * (3 * H + G);  // d w_ci, d w_cf, d w_co
         float* pb = pp + 3 * H;                    // d bias, this step's rows
@@ -274,7 +293,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                       *zh = zoned ? Zh.data_ptr<float>() + zrow : nullptr, *zc = zoned ? Zc.data_ptr<float>() + zrow : nullptr;
           float* cab = zoned ? carry + b * H : nullptr;
           const float* mh = sdrop ? Mh.data_ptr<float>() + zrow : nullptr;
-          float *dhb = dh + b * H, *dcb = dc + b * H;
+          const float* dhb = dh + b * H;
+          float* dcb = dc + b * H;
           lanes(H, [&](auto* tag, int64_t k) {
             using Tp = std::remove_pointer_t<decltype(tag)>;
             auto put = [&](int block, const Tp& v) {
@@ -339,29 +359,54 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         }
         double* bsum = bsum_all + tid * G;
         for (int64_t i = 0; i < G; ++i) bsum[i] += pb[i];
-      });
-      gemm_packed(dg_all + t * B * G, w_hh, dHn.data_ptr<float>(), B);
-      float* dhn = dHn.data_ptr<float>();
-      if (zoned)  // the kept part of h's gradient, past the step
-        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-          for (int64_t b = b0; b < b1; ++b)
-            if (!masked || vp[t * B + b])
-              lanes(H, [&](auto* tag, int64_t k) { st(dhn + b * H + k, ld(dhn + b * H + k, tag) + ld(carry + b * H + k, tag)); });
-        });
-      if (masked) {  // rows past their length carry dh unchanged
-        for (int64_t b = 0; b < B; ++b)
-          if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
       }
-      std::swap(dH, dHn);
-      if constexpr (S::gate_rec) {  // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
-        gemm_packed(dq, w_gr, dSn.data_ptr<float>(), B);
-        if (masked) {
-          float *dsn = dSn.data_ptr<float>();
-          for (int64_t b = 0; b < B; ++b)
-            if (!vp[t * B + b]) std::copy(ds + b * 3 * H, ds + (b + 1) * 3 * H, dsn + b * 3 * H);
+    };
+    // after the step's GEMMs (dhn = dh's through W_hh, dsn = ds's through W_gr), rows [b0, b1): zoneout's kept
+    // part of h's gradient, past the step; rows past their length carry dh (and ds) unchanged
+    auto after_rows = [&](int64_t t, const float* dh, float* dhn, const float* ds, float* dsn, int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        if (masked && !vp[t * B + b]) {
+          std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
+          if constexpr (S::gate_rec) std::copy(ds + b * 3 * H, ds + (b + 1) * 3 * H, dsn + b * 3 * H);
+        } else if (zoned) {
+          lanes(H, [&](auto* tag, int64_t k) { st(dhn + b * H + k, ld(dhn + b * H + k, tag) + ld(carry + b * H + k, tag)); });
         }
-        std::swap(dS, dSn);
       }
+    };
+    float *dh_p = dH.data_ptr<float>(), *dhn_p = dHn.data_ptr<float>();
+    float *ds_p = fgr ? dS.data_ptr<float>() : nullptr, *dsn_p = fgr ? dSn.data_ptr<float>() : nullptr;
+    if (rows_apart(B)) {  // each thread its own rows, through every step (the gradients' buffers swapped per thread)
+      const int64_t parts = at::get_num_threads();
+      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
+          float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
+          for (int64_t t = T - 1; t >= 0; --t) {
+            step_rows(t, dh, ds, b0, b1);
+            gemm_rows(dg_all + t * B * G, w_hh, dhn, b0, b1);
+            // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
+            if constexpr (S::gate_rec) gemm_rows(dq_all + t * B * 3 * H, w_gr, dsn, b0, b1);
+            after_rows(t, dh, dhn, ds, dsn, b0, b1);
+            std::swap(dh, dhn);
+            std::swap(ds, dsn);
+          }
+        }
+      });
+    } else {
+      float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
+      for (int64_t t = T - 1; t >= 0; --t) {
+        at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, ds, b0, b1); });
+        gemm_packed(dg_all + t * B * G, w_hh, dhn, B);
+        if constexpr (S::gate_rec) gemm_packed(dq_all + t * B * 3 * H, w_gr, dsn, B);
+        if (masked || zoned)
+          at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { after_rows(t, dh, dhn, ds, dsn, b0, b1); });
+        std::swap(dh, dhn);
+        std::swap(ds, dsn);
+      }
+    }
+    if (T % 2 == 1) {  // the last step's gradients are in the second buffers
+      std::swap(dH, dHn);
+      std::swap(dS, dSn);
     }
   });
   at::Tensor dW = gemm_tn(XH.view({T * B, W}), dG.view({T * B, G})).t().contiguous();  // [W_ih W_hh]'s
