@@ -185,16 +185,21 @@ inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t 
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask[j], acc[r][j]);
 }
 
+// The four 16-lane store masks of a panel whose first `width` columns are C's (the rest padding).
+inline void panel_masks(int64_t width, __mmask16* mask) {
+  for (int j = 0; j < 4; ++j) {
+    const int64_t left = width - j * 16;
+    mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
+  }
+}
+
 // Rows [m0, m1) of C against panel q.
 inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, int64_t q, int64_t m0, int64_t m1) {
   constexpr int MR = 6;
   const int64_t K = p.K, N = p.N, n0 = q * kPanel;
   const float* panel = p.buf.data_ptr<float>() + q * K * kPanel;
   __mmask16 mask[4];
-  for (int j = 0; j < 4; ++j) {
-    const int64_t left = N - n0 - j * 16;
-    mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-  }
+  panel_masks(N - n0, mask);
   int64_t m = m0;
   for (; m + MR <= m1; m += MR) panel_tile<MR>(a + m * lda, lda, panel, K, c + m * N + n0, N, mask);
   const float* ar = a + m * lda;
@@ -300,14 +305,15 @@ constexpr int64_t kTnBlock = 512;
 at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
   const int64_t K = X.size(0), M = X.size(1), N = Y.size(1);
 #if defined(CPU_CAPABILITY_AVX512)
-  at::Tensor C = at::zeros({M, N}, X.options());
-  if (K == 0 || M == 0 || N == 0) return C;
+  at::Tensor C = at::empty({M, N}, X.options());
+  if (K == 0 || M == 0 || N == 0) return C.zero_();
   const float *x = X.data_ptr<float>(), *y = Y.data_ptr<float>();
   float* c = C.data_ptr<float>();
   const int64_t panels = (N + kPanel - 1) / kPanel, tiles = (M + 5) / 6, parts = at::get_num_threads();
   const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
-  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel), zero padded
-  at::Tensor Xp = at::zeros({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::zeros({parts, kTnBlock, kPanel}, X.options());
+  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel); a part-filled
+  // tile's or panel's padding is never stored (the tile's own width, the masks)
+  at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::empty({parts, kTnBlock, kPanel}, X.options());
   at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = items * t / parts, i1 = items * (t + 1) / parts;
@@ -331,21 +337,18 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
           const int64_t q = i / slices, s = i % slices, n0 = q * kPanel, w = std::min(kPanel, N - n0);
           for (int64_t k = 0; k < kc; ++k) std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
           __mmask16 mask[4];
-          for (int j = 0; j < 4; ++j) {
-            const int64_t left = w - j * 16;
-            mask[j] = left >= 16 ? static_cast<__mmask16>(0xFFFF) : left <= 0 ? 0 : static_cast<__mmask16>((1u << left) - 1);
-          }
+          panel_masks(w, mask);
           for (int64_t tile = tiles * s / slices; tile < tiles * (s + 1) / slices; ++tile) {
             const int64_t m = tile * 6;
             const float* xt = xp + tile * kTnBlock * 6;
             float* ct = c + m * N + n0;
             switch (std::min<int64_t>(6, M - m)) {
-              case 6: tn_tile<6>(xt, yp, kc, ct, N, mask, true); break;
-              case 5: tn_tile<5>(xt, yp, kc, ct, N, mask, true); break;
-              case 4: tn_tile<4>(xt, yp, kc, ct, N, mask, true); break;
-              case 3: tn_tile<3>(xt, yp, kc, ct, N, mask, true); break;
-              case 2: tn_tile<2>(xt, yp, kc, ct, N, mask, true); break;
-              default: tn_tile<1>(xt, yp, kc, ct, N, mask, true); break;
+              case 6: tn_tile<6>(xt, yp, kc, ct, N, mask, k0 > 0); break;
+              case 5: tn_tile<5>(xt, yp, kc, ct, N, mask, k0 > 0); break;
+              case 4: tn_tile<4>(xt, yp, kc, ct, N, mask, k0 > 0); break;
+              case 3: tn_tile<3>(xt, yp, kc, ct, N, mask, k0 > 0); break;
+              case 2: tn_tile<2>(xt, yp, kc, ct, N, mask, k0 > 0); break;
+              default: tn_tile<1>(xt, yp, kc, ct, N, mask, k0 > 0); break;
             }
           }
         }
