@@ -1,13 +1,15 @@
 """``ln_lstm``'s fused CPU kernel: build it once per machine, run a training sequence through it.
 
 One job. ``csrc/ln_lstm.cpp`` is a hand-written forward and backward pass of a whole
-:class:`~rnnsearch.cells.ln_lstm.LayerNormLSTMCell` sequence (float32, CPU): the recurrent GEMMs
-are BLAS's ``sgemm``, split by columns over the threads (``at::mm`` where libtorch does not export it),
-everything between two GEMMs runs in one pass per batch row,
-vectorised with ATen's ``at::vec``; the gains' and bias' gradients accumulate per thread while each
-row is in cache, and the recurrent weight's gradient is one GEMM after the loop. It replaces the
-inductor-compiled chunks for this cell on the CPU, 1.4–1.6x faster than they are (docs/performance.md:
-0.79–0.95 of ``torch.nn.LSTM`` against their 0.50–0.65, freed memory kept for both).
+:class:`~rnnsearch.cells.ln_lstm.LayerNormLSTMCell` sequence (float32, CPU), the input's projection
+included. Each step's GEMMs (the input's products and the recurrent ones) run, on an AVX-512 build, through the
+kernels' own micro-kernel (``csrc/common.h``), each thread taking its own batch rows through the whole
+sequence; elsewhere they are BLAS's ``sgemm``, split by columns over the threads (``at::mm`` where libtorch
+does not export it). Everything between two GEMMs runs in one pass per batch row, vectorised with ATen's
+``at::vec``; the gains' and bias' gradients accumulate per thread while each row is in cache, and both weights'
+gradients are one GEMM each after the loop. It replaces the inductor-compiled chunks for this cell on the CPU
+(docs/performance.md: 0.89–1.00 of ``torch.nn.LSTM`` on the project's AVX-512 VM; on the earlier AVX2 one
+0.79–0.95, against inductor's 0.50–0.65; freed memory kept for all).
 
 It is used where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of a cell whose arithmetic is the registry's own

@@ -218,7 +218,8 @@ inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, 
 // C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C contiguous, B packed by pack_b. Where the
 // packed B fits in half a core's L2 (512 KiB: H = 128's weights, not H = 256's) and each thread gets two tiles of
 // rows or more, each thread takes its share of the rows, all panels: the rows the pass after the GEMM gives the
-// same thread (at::parallel_for over the batch), so its products are in that core's cache. That took the kernels'
+// same thread (at::parallel_for over the batch splits it in chunks of ceil(M / threads), and so does this), so its
+// products are in that core's cache. That took the kernels'
 // time at H = 128 down by 10-22% (forward) and 5-10% (backward); at H = 256 it was within noise, and there each
 // thread takes its share of the panels (and of the rows too, where the panels do not divide among the threads).
 void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t lda = 0) {
@@ -231,7 +232,11 @@ void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t 
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = items * t / parts; i < items * (t + 1) / parts; ++i) {
         const int64_t q = by_rows ? i % panels : i / slices, s = by_rows ? i / panels : i % slices;
-        panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
+        const int64_t chunk = (M + slices - 1) / slices;  // by rows: at::parallel_for's chunks of the batch
+        if (by_rows)
+          panel_rows(a, lda, p, c, q, std::min(M, s * chunk), std::min(M, (s + 1) * chunk));
+        else
+          panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
       }
   });
 #else
@@ -285,7 +290,8 @@ void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m
 
 // Whether a kernel's threads should each take their own share of the batch rows through the whole sequence, with
 // no barrier between steps (a row's steps depend on that row alone): on the micro-kernel's build, with
-// rows_apart_min rows or more per thread (two tiles; the tests lower it to run both routes).
+// rows_apart_min rows or more per thread (two tiles; the tests lower it to run both routes: a plain global,
+// set from Python between kernel calls only).
 int64_t rows_apart_min = 12;
 inline bool rows_apart(int64_t B) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -311,9 +317,10 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
   float* c = C.data_ptr<float>();
   const int64_t panels = (N + kPanel - 1) / kPanel, tiles = (M + 5) / 6, parts = at::get_num_threads();
   const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
-  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel); a part-filled
-  // tile's or panel's padding is never stored (the tile's own width, the masks)
-  at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::empty({parts, kTnBlock, kPanel}, X.options());
+  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel). A part-filled
+  // tile's padding is never read (the tile's own width), a part-filled panel's is never stored (the masks), but is
+  // zero (no denormals or NaN in the lanes the FMAs run on anyway).
+  at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::zeros({parts, kTnBlock, kPanel}, X.options());
   at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = items * t / parts, i1 = items * (t + 1) / parts;

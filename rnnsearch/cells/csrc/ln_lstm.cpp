@@ -1,7 +1,9 @@
 // Fused layer-norm LSTM sequence for the CPU: forward and backward over a whole sequence, float32.
 //
 // The arithmetic of rnnsearch.cells.ln_lstm.LayerNormLSTMCell (gate blocks normalised on their own,
-// the cell state once more), with the recurrent GEMMs split over the threads (gemm_cols) and everything between two
+// the cell state once more), with each step's GEMMs (the input's products, the recurrent ones) through common.h's
+// micro-kernel, each thread taking its own batch rows through the sequence where rows_apart holds, else split
+// over the threads step by step (gemm_packed; gemm_cols without AVX-512), and everything between two
 // GEMMs done in one pass per batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20,
 // tanh and sigmoid in exp form, as rnnsearch.compile's inductor options). The backward pass accumulates
 // the gains' and bias' gradients per thread while each row is in cache, and computes the recurrent

@@ -3,8 +3,9 @@
 // sequence, float32.
 //
 // ln_lstm.cpp's scheme (its translation unit includes this file), with the input inside: one GEMM per step, the
-// input's and the recurrent one together ([x_t, h_{t-1}] [W_ih W_hh]^T; ln_lstm normalises the two apart and
-// takes the input's product made for the whole sequence), split by columns over the threads (gemm_cols),
+// input's and the recurrent one together ([x_t, h_{t-1}] [W_ih W_hh]^T; ln_lstm normalises the two apart, so it
+// makes them as two), through common.h's micro-kernel with each thread taking its own batch rows through the
+// sequence (rows_apart), else split over the threads step by step (gemm_packed, gemm_cols without AVX-512),
 // everything between two GEMMs one vectorised pass per batch row, the bias' and peepholes' gradients accumulated
 // per thread, both weights' gradients one GEMM after the loop.
 // Each variant is its own instantiation (Spec<V>), so the vanilla cell pays nothing for the others.
