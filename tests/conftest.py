@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 import torch
@@ -54,6 +54,54 @@ def kernel_threads(request: pytest.FixtureRequest) -> Iterator[str]:
         torch.set_num_threads(threads)
         if ext is not None:
             ext.set_rows_apart_min(before)
+
+
+def assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple, slack: float = 1e-6) -> None:
+    """A kernel test's check: every tensor of the kernel's run (outputs, final h and c, then a dict of gradients)
+    within 3x the float32 cell's worst relative error of the float64 run (+slack)."""
+
+    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
+        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
+        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
+
+    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
+    checks += [(3, name, f"grad {name}") for name in exact[3]]
+    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + slack  # float32's own rounding, 3 times
+    assert bound < 1e-3
+    for i, name, what in checks:
+        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
+
+
+#: (batch, hidden, threads, input width or None for the test file's) for the kernels' uneven-tile tests: part-filled
+#: tiles and panels, panel counts the threads do not divide, small weights split by rows, and a wide input.
+UNEVEN_TILES = pytest.mark.parametrize(
+    "batch,hidden,threads,inputs",
+    [(13, 40, 2, None), (64, 80, 2, None), (13, 40, 3, None), (7, 16, 1, None), (13, 24, 2, 70), (50, 40, 3, None)],
+    ids=["3-panels", "5-panels-by-rows", "3-threads", "1-thread", "wide-input", "by-rows-3-threads"])
+
+
+def check_uneven_tiles(make_cell: Callable[..., Any], run: Callable[..., tuple], kernel_calls: Callable[[Any], int],
+                       batch: int, hidden: int, threads: int, inputs: int) -> None:
+    """The body of the kernels' uneven-tile tests: a float64 cell, the float32 cell and the kernel on ``threads``
+    threads, 10 steps (an even length: the gradients' double buffers end where they started; the other tests' 23
+    steps end on the other one) from a given state, compared by :func:`assert_as_close_as_float32`."""
+    from rnnsearch.compile import ChunkRunner
+
+    x = torch.randn(batch, 10, inputs, generator=torch.Generator().manual_seed(3))
+    kept = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        exact = run(make_cell(hidden, inputs).double(), x, None, True)
+        generic = run(make_cell(hidden, inputs), x, None, True)
+        cell = make_cell(hidden, inputs)
+        cell.sequence_runner = ChunkRunner(4)
+        kernel = run(cell, x, None, True)
+    finally:
+        torch.set_num_threads(kept)
+    assert kernel_calls(cell) == 1
+    # a broken tile or panel is off by 0.1 or more; the AVX2 build's rounding (the exp_u20 of its own vector
+    # width, other summation orders) came to 7.5e-6 where the float32 cell's came to 1.6e-6 on these small shapes
+    assert_as_close_as_float32(exact, generic, kernel, slack=2e-5)
 
 
 @pytest.fixture(scope="session")

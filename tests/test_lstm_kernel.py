@@ -16,7 +16,8 @@ from typing import Any, Optional
 import pytest
 import torch
 
-from conftest import TINY, assert_close, compose_config
+from conftest import (TINY, UNEVEN_TILES, assert_as_close_as_float32, assert_close, check_uneven_tiles,
+                      compose_config)
 from rnnsearch import build_model, train
 from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback
@@ -71,21 +72,6 @@ def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_
     return out.detach(), h.detach(), c.detach(), grads
 
 
-def _assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple, slack: float = 1e-6) -> None:
-    """Every tensor of the kernel's run within 3x the float32 cell's worst relative error of the float64 run (+slack)."""
-
-    def error(run: tuple, i: int, name: Optional[str] = None) -> float:
-        a, b = (run[i], exact[i]) if name is None else (run[i][name], exact[i][name])
-        return ((a.double() - b).abs().max() / max(1.0, b.abs().max().item())).item()
-
-    checks = [(i, None, what) for i, what in enumerate(("outputs", "final h", "final c"))]
-    checks += [(3, name, f"grad {name}") for name in exact[3]]
-    bound = 3 * max(error(generic, i, name) for i, name, _ in checks) + slack  # float32's own rounding, 3 times
-    assert bound < 1e-3
-    for i, name, what in checks:
-        assert error(kernel, i, name) <= bound, f"{what}: kernel error {error(kernel, i, name):.3g} > {bound:.3g}"
-
-
 @pytest.mark.parametrize("options,lengths,with_state", [
     ({}, None, False),
     ({"use_peepholes": True, "forget_bias": 0.3}, LENGTHS, True),
@@ -119,35 +105,17 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
     if "cell_clip" in options:
         clipped = (exact[2].abs() >= 0.5 - 1e-12).float().mean().item()
         assert 0.05 < clipped < 0.95, f"the clip must bite for this test to mean anything ({clipped:.2f} clipped)"
-    _assert_as_close_as_float32(exact, generic, kernel)
+    assert_as_close_as_float32(exact, generic, kernel)
 
 
-@pytest.mark.parametrize("batch,hidden,threads,inputs", [(13, 40, 2, IN), (64, 80, 2, IN), (13, 40, 3, IN),
-                                                        (7, 16, 1, IN), (13, 24, 2, 70), (50, 40, 3, IN)],
-                         ids=["3-panels", "5-panels-by-rows", "3-threads", "1-thread", "wide-input",
-                              "by-rows-3-threads"])
+@UNEVEN_TILES
 def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
                                                                          eager_compile):
     """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
     over the threads (and each panel's rows too where the panels do not divide among them), or for small weights and
     enough rows the rows: batches and widths that leave part-filled tiles, panel counts the threads do not divide,
     and both splits match float64 as closely as the cell does."""
-    x = torch.randn(batch, 10, inputs, generator=torch.Generator().manual_seed(3))  # an even length: the
-    # gradients' double buffers end where they started (the other tests' 23 steps end on the other one)
-    kept = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        exact = _run(_cell(hidden, inputs).double(), x, None, True)
-        generic = _run(_cell(hidden, inputs), x, None, True)
-        cell = _cell(hidden, inputs)
-        cell.sequence_runner = ChunkRunner(4)
-        kernel = _run(cell, x, None, True)
-    finally:
-        torch.set_num_threads(kept)
-    assert cell.sequence_runner.kernel_calls == 1
-    # a broken tile or panel is off by 0.1 or more; the AVX2 build's rounding (the exp_u20 of its own vector
-    # width, other summation orders) came to 7.5e-6 where the float32 cell's came to 1.6e-6 on these small shapes
-    _assert_as_close_as_float32(exact, generic, kernel, slack=2e-5)
+    check_uneven_tiles(_cell, _run, lambda c: c.sequence_runner.kernel_calls, batch, hidden, threads, inputs or IN)
 
 
 def test_a_long_sequence_keeps_the_bias_gradients_precision(eager_compile):

@@ -302,6 +302,14 @@ inline bool rows_apart(int64_t B) {
 #endif
 }
 
+// Runs f(b0, b1) once per thread, on that thread's share [b0, b1) of the B batch rows (the rows_apart route).
+template <typename F> inline void per_thread_rows(int64_t B, F&& f) {
+  const int64_t parts = at::get_num_threads();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) f(B * p / parts, B * (p + 1) / parts);
+  });
+}
+
 // C (M, N) = X^T Y for X (K, M), Y (K, N), row-major and contiguous: a weight's gradient over a whole sequence's
 // rows (K = steps x batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's
 // 64-column panels (and of C's rows, where the panels do not divide among the threads) and goes through K in

@@ -124,15 +124,11 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
     }
   };
   if (rows_apart(B)) {  // each thread its own rows, through every step
-    const int64_t parts = at::get_num_threads();
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
-        for (int64_t t = 0; t < T; ++t) {
-          gemm_rows(x_p + t * I, w_ih, a_p + t * B * G, b0, b1, T * I);  // x_t's rows, T * I apart
-          gemm_rows(h_all + t * B * H, w_hh, r_p, b0, b1);
-          step_rows(t, b0, b1);
-        }
+    per_thread_rows(B, [&](int64_t b0, int64_t b1) {
+      for (int64_t t = 0; t < T; ++t) {
+        gemm_rows(x_p + t * I, w_ih, a_p + t * B * G, b0, b1, T * I);  // x_t's rows, T * I apart
+        gemm_rows(h_all + t * B * H, w_hh, r_p, b0, b1);
+        step_rows(t, b0, b1);
       }
     });
   } else {
@@ -265,17 +261,13 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
   };
   if (rows_apart(B)) {  // each thread its own rows, through every step (dH and dHn swapped per thread)
-    const int64_t parts = at::get_num_threads();
-    at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
-        const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
-        float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
-        for (int64_t t = T - 1; t >= 0; --t) {
-          step_rows(t, dh, b0, b1);
-          gemm_rows(dr_all + t * B * G, w_hh, dhn, b0, b1);
-          carry_rows(t, dh, dhn, b0, b1);
-          std::swap(dh, dhn);
-        }
+    per_thread_rows(B, [&](int64_t b0, int64_t b1) {
+      float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
+      for (int64_t t = T - 1; t >= 0; --t) {
+        step_rows(t, dh, b0, b1);
+        gemm_rows(dr_all + t * B * G, w_hh, dhn, b0, b1);
+        carry_rows(t, dh, dhn, b0, b1);
+        std::swap(dh, dhn);
       }
     });
     if (T % 2 == 1) std::swap(dH, dHn);

@@ -193,15 +193,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
       }
     };
     if (rows_apart(B)) {  // each thread its own rows, through every step
-      const int64_t parts = at::get_num_threads();
-      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
-          for (int64_t t = 0; t < T; ++t) {
-            gemm_rows(xh + t * B * W, w_cat, r_p, b0, b1);  // step t's rows [x_t, h_{t-1}]
-            if constexpr (S::gate_rec) gemm_rows(s_all + t * B * 3 * H, w_gr, r2_p, b0, b1);
-            step_rows(t, b0, b1);
-          }
+      per_thread_rows(B, [&](int64_t b0, int64_t b1) {
+        for (int64_t t = 0; t < T; ++t) {
+          gemm_rows(xh + t * B * W, w_cat, r_p, b0, b1);  // step t's rows [x_t, h_{t-1}]
+          if constexpr (S::gate_rec) gemm_rows(s_all + t * B * 3 * H, w_gr, r2_p, b0, b1);
+          step_rows(t, b0, b1);
         }
       });
     } else {
@@ -377,20 +373,16 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
     float *dh_p = dH.data_ptr<float>(), *dhn_p = dHn.data_ptr<float>();
     float *ds_p = fgr ? dS.data_ptr<float>() : nullptr, *dsn_p = fgr ? dSn.data_ptr<float>() : nullptr;
     if (rows_apart(B)) {  // each thread its own rows, through every step (the gradients' buffers swapped per thread)
-      const int64_t parts = at::get_num_threads();
-      at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t b0 = B * p / parts, b1 = B * (p + 1) / parts;
-          float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
-          for (int64_t t = T - 1; t >= 0; --t) {
-            step_rows(t, dh, ds, b0, b1);
-            gemm_rows(dg_all + t * B * G, w_hh, dhn, b0, b1);
-            // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
-            if constexpr (S::gate_rec) gemm_rows(dq_all + t * B * 3 * H, w_gr, dsn, b0, b1);
-            after_rows(t, dh, dhn, ds, dsn, b0, b1);
-            std::swap(dh, dhn);
-            std::swap(ds, dsn);
-          }
+      per_thread_rows(B, [&](int64_t b0, int64_t b1) {
+        float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          step_rows(t, dh, ds, b0, b1);
+          gemm_rows(dg_all + t * B * G, w_hh, dhn, b0, b1);
+          // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
+          if constexpr (S::gate_rec) gemm_rows(dq_all + t * B * 3 * H, w_gr, dsn, b0, b1);
+          after_rows(t, dh, dhn, ds, dsn, b0, b1);
+          std::swap(dh, dhn);
+          std::swap(ds, dsn);
         }
       });
     } else {
