@@ -73,11 +73,11 @@ def assert_as_close_as_float32(exact: tuple, generic: tuple, kernel: tuple, slac
 
 
 #: (batch, hidden, threads, input width or None for the test file's) for the kernels' uneven-tile tests: part-filled
-#: tiles and panels, panel counts the threads do not divide, small weights split by rows, and a wide input.
+#: tiles and panels, panel counts the threads do not divide, full tiles, and a wide input.
 UNEVEN_TILES = pytest.mark.parametrize(
     "batch,hidden,threads,inputs",
     [(13, 40, 2, None), (64, 80, 2, None), (13, 40, 3, None), (7, 16, 1, None), (13, 24, 2, 70), (50, 40, 3, None)],
-    ids=["3-panels", "5-panels-by-rows", "3-threads", "1-thread", "wide-input", "by-rows-3-threads"])
+    ids=["3-panels", "5-panels-64-rows", "3-threads", "1-thread", "wide-input", "50-rows-3-threads"])
 
 
 def check_uneven_tiles(make_cell: Callable[..., Any], run: Callable[..., tuple], kernel_calls: Callable[[Any], int],

@@ -112,9 +112,9 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
 def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
                                                                          eager_compile):
     """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
-    over the threads (and each panel's rows too where the panels do not divide among them), or for small weights and
-    enough rows the rows: batches and widths that leave part-filled tiles, panel counts the threads do not divide,
-    and both splits match float64 as closely as the cell does."""
+    over the threads (and each panel's rows too where the panels do not divide among them), or each thread its own
+    rows (rows apart, the kernel_threads fixture): batches and widths that leave part-filled tiles, panel counts the
+    threads do not divide, and both routes match float64 as closely as the cell does."""
     check_uneven_tiles(_cell, _run, lambda c: c.sequence_runner.kernel_calls, batch, hidden, threads, inputs or IN)
 
 

@@ -135,6 +135,12 @@ def load() -> Any:
         return _ext
 
 
+def mm_by_panels(ext: Any, a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (a sequence's gradient through an input weight, ``b`` (K, N) contiguous) through the kernels' GEMM
+    where ``b`` is at least one of its panels wide (64 columns), else ``torch.mm`` (MKL was faster for narrower)."""
+    return ext.packed_mm(a, b, False) if b.shape[1] >= 64 else torch.mm(a, b)
+
+
 class Workspace:
     """Buffers for the saved activations, handed back when their graph is freed and reused by the next sequence.
 
@@ -221,12 +227,9 @@ class LNLSTMSequence(torch.autograd.Function):
         dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR)
         WORKSPACE.give([dR])
         # the projection's gradients: W_ih's as x^T dA over every (row, step), in the kernels' GEMM (MKL's is slow
-        # for a narrow input: an output only as wide as the input); the input's there too where it is as wide as
-        # one of its panels (MKL's was faster for a narrower one)
+        # for a narrow input: an output only as wide as the input)
         dA2, x2 = dA.view(B * T, G), x.view(B * T, -1)
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = (ext.packed_mm(dA2, W_ih, False) if W_ih.shape[1] >= 64 else torch.mm(dA2, W_ih)).view_as(x)
+        dx = mm_by_panels(ext, dA2, W_ih).view_as(x) if ctx.needs_input_grad[0] else None
         dW_ih = ext.gemm_tn(x2, dA2).t() if ctx.needs_input_grad[1] else None
         return (dx, dW_ih, *grads, None, None, None)
 

@@ -91,12 +91,10 @@ class LSTMSequence(torch.autograd.Function):
             saved[5], Mh, valid, work[0])
         if fgr:
             WORKSPACE.give(work)
-        # the input's gradient, batch-first again (the kernels' GEMM for an input of a panel's width or more: MKL's
-        # was faster for a narrower one); dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])
+        # the input's gradient, batch-first again; dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])
         dx = None
         if ctx.needs_input_grad[0]:
-            dG2 = dG.view(T * B, -1)
-            dx = (ext.packed_mm(dG2, W_ih, False) if I >= 64 else torch.mm(dG2, W_ih)).view(T, B, I).transpose(0, 1)
+            dx = ln_lstm_kernel.mm_by_panels(ext, dG.view(T * B, -1), W_ih).view(T, B, I).transpose(0, 1)
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
         return (dx, dW[:, :I], dh0, dc0, ds0 if fgr else None, dW[:, I:], dbias, dWgr if fgr else None, *peep,
                 None, None, None, None, None, None, None)

@@ -160,21 +160,23 @@ PackedB pack_b(const float* b, int64_t K, int64_t N, bool bt) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// C's rows [0, MR) and one panel's columns: C (ldc apart) = A (MR, K; lda apart) @ panel (K, kPanel), the
-// accumulators in 4 MR registers (MR = 6: 24, with the panel's 4 and a broadcast, 29 of the 32), stored under
-// the panel's column masks.
+// C's rows [0, MR) and one panel's 64 columns: C (ldc apart) (+)= A (MR, K) @ panel (K, kPanel), A's element (r, k)
+// at a[r * rs + k * ks] (a row-major A: rs = its row stride, ks = 1; a packed block of Xᵀ: rs = 1, ks = 6). The
+// accumulators are 4 MR registers (MR = 6: 24, with the panel's 4 and a broadcast, 29 of the 32), stored under the
+// panel's column masks; with accumulate, they start from C.
 template <int MR>
-inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t K, float* c, int64_t ldc,
-                       const __mmask16* mask) {
+inline void tile(const float* a, int64_t rs, int64_t ks, const float* panel, int64_t K, float* c, int64_t ldc,
+                 const __mmask16* mask, bool accumulate) {
   __m512 acc[MR][4];
   for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask[j], c + r * ldc + j * 16) : _mm512_setzero_ps();
   for (int64_t k = 0; k < K; ++k) {
-    const float* pk = panel + k * kPanel;
+    const float *pk = panel + k * kPanel, *ak = a + k * ks;
     const __m512 b0 = _mm512_loadu_ps(pk), b1 = _mm512_loadu_ps(pk + 16), b2 = _mm512_loadu_ps(pk + 32),
                  b3 = _mm512_loadu_ps(pk + 48);
     for (int r = 0; r < MR; ++r) {
-      const __m512 x = _mm512_set1_ps(a[r * lda + k]);
+      const __m512 x = _mm512_set1_ps(ak[r * rs]);
       acc[r][0] = _mm512_fmadd_ps(x, b0, acc[r][0]);
       acc[r][1] = _mm512_fmadd_ps(x, b1, acc[r][1]);
       acc[r][2] = _mm512_fmadd_ps(x, b2, acc[r][2]);
@@ -183,6 +185,19 @@ inline void panel_tile(const float* a, int64_t lda, const float* panel, int64_t 
   }
   for (int r = 0; r < MR; ++r)
     for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask[j], acc[r][j]);
+}
+
+// tile<rows> for rows in [1, 6] (a part-filled tile's rows).
+inline void tile_rows(int64_t rows, const float* a, int64_t rs, int64_t ks, const float* panel, int64_t K, float* c,
+                      int64_t ldc, const __mmask16* mask, bool accumulate) {
+  switch (rows) {
+    case 6: tile<6>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+    case 5: tile<5>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+    case 4: tile<4>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+    case 3: tile<3>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+    case 2: tile<2>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+    default: tile<1>(a, rs, ks, panel, K, c, ldc, mask, accumulate); break;
+  }
 }
 
 // The four 16-lane store masks of a panel whose first `width` columns are C's (the rest padding).
@@ -195,81 +210,33 @@ inline void panel_masks(int64_t width, __mmask16* mask) {
 
 // Rows [m0, m1) of C against panel q.
 inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, int64_t q, int64_t m0, int64_t m1) {
-  constexpr int MR = 6;
   const int64_t K = p.K, N = p.N, n0 = q * kPanel;
   const float* panel = p.buf.data_ptr<float>() + q * K * kPanel;
   __mmask16 mask[4];
   panel_masks(N - n0, mask);
-  int64_t m = m0;
-  for (; m + MR <= m1; m += MR) panel_tile<MR>(a + m * lda, lda, panel, K, c + m * N + n0, N, mask);
-  const float* ar = a + m * lda;
-  float* cr = c + m * N + n0;
-  switch (m1 - m) {
-    case 1: panel_tile<1>(ar, lda, panel, K, cr, N, mask); break;
-    case 2: panel_tile<2>(ar, lda, panel, K, cr, N, mask); break;
-    case 3: panel_tile<3>(ar, lda, panel, K, cr, N, mask); break;
-    case 4: panel_tile<4>(ar, lda, panel, K, cr, N, mask); break;
-    case 5: panel_tile<5>(ar, lda, panel, K, cr, N, mask); break;
-    default: break;
-  }
+  for (int64_t m = m0; m < m1; m += 6)
+    tile_rows(std::min<int64_t>(6, m1 - m), a + m * lda, lda, 1, panel, K, c + m * N + n0, N, mask, false);
 }
 #endif
 
-// C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C contiguous, B packed by pack_b. Where the
-// packed B fits in half a core's L2 (512 KiB: H = 128's weights, not H = 256's) and each thread gets two tiles of
-// rows or more, each thread takes its share of the rows, all panels: the rows the pass after the GEMM gives the
-// same thread (at::parallel_for over the batch splits it in chunks of ceil(M / threads), and so does this), so its
-// products are in that core's cache. That took the kernels'
-// time at H = 128 down by 10-22% (forward) and 5-10% (backward); at H = 256 it was within noise, and there each
-// thread takes its share of the panels (and of the rows too, where the panels do not divide among the threads).
+// C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C contiguous, B packed by pack_b. Each thread
+// takes its share of the panels, and where the panels do not divide evenly among the threads, of each panel's rows.
 void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t lda = 0) {
   if (lda <= 0) lda = p.K;
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t panels = p.buf.size(0), parts = at::get_num_threads();
-  const bool by_rows = parts > 1 && M >= 12 * parts && p.buf.numel() * 4 <= (int64_t{512} << 10);
-  const int64_t slices = by_rows || panels % parts != 0 ? parts : 1, items = panels * slices;
+  const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
   at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = items * t / parts; i < items * (t + 1) / parts; ++i) {
-        const int64_t q = by_rows ? i % panels : i / slices, s = by_rows ? i / panels : i % slices;
-        const int64_t chunk = (M + slices - 1) / slices;  // by rows: at::parallel_for's chunks of the batch
-        if (by_rows)
-          panel_rows(a, lda, p, c, q, std::min(M, s * chunk), std::min(M, (s + 1) * chunk));
-        else
-          panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
+        const int64_t q = i / slices, s = i % slices;
+        panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
       }
   });
 #else
   gemm_cols(a, p.src, c, M, p.K, p.N, p.bt, lda);
 #endif
 }
-
-#if defined(CPU_CAPABILITY_AVX512)
-// C's rows [0, MR) and one panel's 64 columns, over kc steps: C (ldc apart) (+)= X^T Y, with X's block packed
-// as (kc, 6) (row r of C is X's column r) and Y's as (kc, kPanel), C stored under the panel's column masks.
-template <int MR>
-inline void tn_tile(const float* x, const float* y, int64_t kc, float* c, int64_t ldc, const __mmask16* mask,
-                    bool accumulate) {
-  __m512 acc[MR][4];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j)
-      acc[r][j] = accumulate ? _mm512_maskz_loadu_ps(mask[j], c + r * ldc + j * 16) : _mm512_setzero_ps();
-  for (int64_t k = 0; k < kc; ++k) {
-    const float *yk = y + k * kPanel, *xk = x + k * 6;
-    const __m512 b0 = _mm512_loadu_ps(yk), b1 = _mm512_loadu_ps(yk + 16), b2 = _mm512_loadu_ps(yk + 32),
-                 b3 = _mm512_loadu_ps(yk + 48);
-    for (int r = 0; r < MR; ++r) {
-      const __m512 v = _mm512_set1_ps(xk[r]);
-      acc[r][0] = _mm512_fmadd_ps(v, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(v, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(v, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(v, b3, acc[r][3]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < 4; ++j) _mm512_mask_storeu_ps(c + r * ldc + j * 16, mask[j], acc[r][j]);
-}
-#endif
 
 // Rows [m0, m1) of C (M, N) = A @ B (B packed by pack_b; A's rows lda apart, 0: K), every column, on the calling
 // thread: for a kernel whose threads each take their own batch rows through the whole sequence (rows_apart).
@@ -340,10 +307,10 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
       const int64_t tile1 = all ? tiles : tiles * (i0 % slices + 1) / slices;
       for (int64_t k0 = 0; k0 < K; k0 += kTnBlock) {
         const int64_t kc = std::min(kTnBlock, K - k0);
-        for (int64_t tile = tile0; tile < tile1; ++tile) {
-          const int64_t m0 = tile * 6, w = std::min<int64_t>(6, M - m0);
+        for (int64_t ti = tile0; ti < tile1; ++ti) {
+          const int64_t m0 = ti * 6, w = std::min<int64_t>(6, M - m0);
           const __mmask16 cols = static_cast<__mmask16>((1u << w) - 1);
-          float* d = xp + tile * kTnBlock * 6;
+          float* d = xp + ti * kTnBlock * 6;
           const float* src = x + k0 * M + m0;
           for (int64_t k = 0; k < kc; ++k)  // 6 (or w) floats a row: one masked load and store
             _mm512_mask_storeu_ps(d + k * 6, cols, _mm512_maskz_loadu_ps(cols, src + k * M));
@@ -353,18 +320,11 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
           for (int64_t k = 0; k < kc; ++k) std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
           __mmask16 mask[4];
           panel_masks(w, mask);
-          for (int64_t tile = tiles * s / slices; tile < tiles * (s + 1) / slices; ++tile) {
-            const int64_t m = tile * 6;
-            const float* xt = xp + tile * kTnBlock * 6;
+          for (int64_t ti = tiles * s / slices; ti < tiles * (s + 1) / slices; ++ti) {
+            const int64_t m = ti * 6;
+            const float* xt = xp + ti * kTnBlock * 6;
             float* ct = c + m * N + n0;
-            switch (std::min<int64_t>(6, M - m)) {
-              case 6: tn_tile<6>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-              case 5: tn_tile<5>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-              case 4: tn_tile<4>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-              case 3: tn_tile<3>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-              case 2: tn_tile<2>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-              default: tn_tile<1>(xt, yp, kc, ct, N, mask, k0 > 0); break;
-            }
+            tile_rows(std::min<int64_t>(6, M - m), xt, 1, 6, yp, kc, ct, N, mask, k0 > 0);
           }
         }
       }
