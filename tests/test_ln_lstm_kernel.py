@@ -11,6 +11,7 @@ test to load the kernel builds it (about a minute) into the shared cache.
 from __future__ import annotations
 
 import copy
+import functools
 import gc
 import threading
 from typing import Any, Optional
@@ -49,9 +50,11 @@ def _cell(hidden: int = H, inputs: int = IN, **options: Any) -> LayerNormLSTMCel
     return cell
 
 
-def _run(cell: LayerNormLSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool):
-    """Outputs, final state and the gradients of a loss on all three, w.r.t. input, state and parameters."""
-    x = x.to(cell.weight_hh.dtype).clone().requires_grad_()
+def _run(cell: LayerNormLSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool,
+         input_grad: bool = True):
+    """Outputs, final state and the gradients of a loss on all three, w.r.t. input (unless not ``input_grad``: the
+    kernel then stores the input products' gradient by panels for ``W_ih``'s alone), state and parameters."""
+    x = x.to(cell.weight_hh.dtype).clone().requires_grad_(input_grad)
     cell.zero_grad(set_to_none=True)
     state = None
     if with_state:
@@ -61,7 +64,7 @@ def _run(cell: LayerNormLSTMCell, x: torch.Tensor, lengths: Optional[torch.Tenso
     out, (h, c) = cell.forward_sequence(x, state, lengths)
     w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     ((out * w).sum() + (h * h).sum() + 0.3 * c.sum()).backward()
-    grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    grads = {**({"x": x.grad} if input_grad else {}), **{n: p.grad for n, p in cell.named_parameters()}}
     if with_state:
         grads.update(h0=state[0].grad, c0=state[1].grad)
     return out.detach(), h.detach(), c.detach(), grads
@@ -77,14 +80,15 @@ def _kernel_calls(cell: LayerNormLSTMCell) -> int:
     ({"forget_bias": 0.0}, LENGTHS, False),
     ({"hidden": 13}, LENGTHS, True),  # not a multiple of the vector width: the scalar tails
 ], ids=["defaults", "options-lengths-state", "lengths", "hidden-13"])
-def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, input_grad, eager_compile):
     """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
     x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
-    exact = _run(_cell(**options).double(), x, lengths, with_state)
-    generic = _run(_cell(**options), x, lengths, with_state)
+    exact = _run(_cell(**options).double(), x, lengths, with_state, input_grad)
+    generic = _run(_cell(**options), x, lengths, with_state, input_grad)
     cell = _cell(**options)
     cell.sequence_runner = ChunkRunner(4)
-    kernel = _run(cell, x, lengths, with_state)
+    kernel = _run(cell, x, lengths, with_state, input_grad)
     assert _kernel_calls(cell) == 1 and cell.sequence_runner.compiled_calls == 0, "the kernel ran, not inductor"
     if lengths is not None:
         assert (kernel[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros"
@@ -92,11 +96,14 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
 
 
 @UNEVEN_TILES
-def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs, input_grad,
                                                                          eager_compile):
     """As for lstm's kernel (tests/test_lstm_kernel.py): part-filled GEMM tiles and panels, and both thread splits,
-    match float64 as closely as the cell does; here with the input's products a GEMM of each step's too."""
-    check_uneven_tiles(_cell, _run, _kernel_calls, batch, hidden, threads, inputs or IN)
+    match float64 as closely as the cell does; here with the input's products a GEMM of each step's too, and their
+    gradient stored by panels where the input needs none."""
+    run = functools.partial(_run, input_grad=input_grad)
+    check_uneven_tiles(_cell, run, _kernel_calls, batch, hidden, threads, inputs or IN)
 
 
 def test_a_bidirectional_stack_runs_every_cell_through_the_kernel(eager_compile):

@@ -223,15 +223,15 @@ class LNLSTMSequence(torch.autograd.Function):
         x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
         (B, T, _), G = x.shape, W_hh.shape[0]
         ext = load()
-        (dR,) = WORKSPACE.take([(T, B, G)], x, fresh_drops_others=False)  # a work buffer: back right after
-        dA, *grads = ext.backward(dout, dhT, dcT, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR)
+        (dR,) = WORKSPACE.take([(ext.dr_numel(T, B, G // 4),)], x, fresh_drops_others=False)  # back right after
+        # the input products' gradient dA comes back only where x needs its own (it is stored for W_ih's gradient,
+        # computed inside, in the order that GEMM reads fastest)
+        want_dx = ctx.needs_input_grad[0]
+        dA, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR,
+                                                   want_dx)
         WORKSPACE.give([dR])
-        # the projection's gradients: W_ih's as x^T dA over every (row, step), in the kernels' GEMM (MKL's is slow
-        # for a narrow input: an output only as wide as the input)
-        dA2, x2 = dA.view(B * T, G), x.view(B * T, -1)
-        dx = mm_by_panels(ext, dA2, W_ih).view_as(x) if ctx.needs_input_grad[0] else None
-        dW_ih = ext.gemm_tn(x2, dA2).t() if ctx.needs_input_grad[1] else None
-        return (dx, dW_ih, *grads, None, None, None)
+        dx = mm_by_panels(ext, dA.view(B * T, G), W_ih).view_as(x) if want_dx else None
+        return (dx, dW_ih if ctx.needs_input_grad[1] else None, dh0, dc0, *grads, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:

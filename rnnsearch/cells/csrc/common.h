@@ -27,11 +27,15 @@ inline float ld(const float* p, float*) { return *p; }
 inline void st(float* p, const Vec& x) { x.store(p); }
 inline void st(float* p, float x) { *p = x; }
 inline float hsum(const Vec& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_add_ps(x);  // a tree of shuffles: not 16 dependent adds
+#else
   float buf[V];
   x.store(buf);
   float s = 0.f;
   for (int64_t i = 0; i < V; ++i) s += buf[i];
   return s;
+#endif
 }
 inline float hsum(float x) { return x; }
 
@@ -277,30 +281,59 @@ template <typename F> inline void per_thread_rows(int64_t B, F&& f) {
   });
 }
 
-// C (M, N) = X^T Y for X (K, M), Y (K, N), row-major and contiguous: a weight's gradient over a whole sequence's
-// rows (K = steps x batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's
-// 64-column panels (and of C's rows, where the panels do not divide among the threads) and goes through K in
-// blocks of kTnBlock rows, packing the block's X (in tiles of 6 columns) and each of its panels of Y before it
-// multiplies them (read in place, rows 4 KiB apart would share cache sets); else at::mm.
+// Y (K, N) stored by panels of kPanel columns, as gemm_tn's right-hand operand wants it: panel q's rows are
+// contiguous, (K, kPanel), at q * K * kPanel, a part-filled last panel zero padded. A kernel that writes a gradient
+// row by row stores it this way (store_panels) and spares gemm_tn the gather of each panel's rows (rows 4 KiB
+// apart at H = 256: a page each).
+inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
+// Row k of a panel-stored Y (K rows) from the N values at row. A whole panel's 64 floats (four cache lines, aligned
+// where yp is) go by streaming stores: the row is written once and read back only by gemm_tn after the sequence, so
+// fetching its lines first (a plain store's read for ownership) and keeping them in cache buys nothing. The
+// writing threads must _mm_sfence before gemm_tn reads yp. (Plain copies here made the backward no faster than
+// gemm_tn's own gather; streamed, ln_lstm's backward took 6-15% less: docs/performance.md.)
+inline void store_panels(const float* row, int64_t N, float* yp, int64_t K, int64_t k) {
+  for (int64_t q = 0, n0 = 0; n0 < N; ++q, n0 += kPanel) {
+    const int64_t w = std::min(kPanel, N - n0);
+    float* d = yp + (q * K + k) * kPanel;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (w == kPanel && (reinterpret_cast<uintptr_t>(d) & 63) == 0) {
+      for (int j = 0; j < 4; ++j) _mm512_stream_ps(d + 16 * j, _mm512_loadu_ps(row + n0 + 16 * j));
+      continue;
+    }
+#endif
+    std::copy(row + n0, row + n0 + w, d);
+    if (w < kPanel) std::fill(d + w, d + kPanel, 0.f);
+  }
+}
+
+// C (M, N) = X^T Y for X (K, M), row-major and contiguous, and Y either row-major and contiguous (y, panels false)
+// or stored by panels (store_panels; panels true): a weight's gradient over a whole sequence's rows (K = steps x
+// batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's 64-column panels
+// (and of C's rows, where the panels do not divide among the threads) and goes through K in blocks of kTnBlock rows,
+// packing the block's X (in tiles of 6 columns) and, for a row-major Y, each of its panels before it multiplies them
+// (read in place, rows 4 KiB apart would share cache sets); else at::mm.
 constexpr int64_t kTnBlock = 512;
-at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
-  const int64_t K = X.size(0), M = X.size(1), N = Y.size(1);
+at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panels) {
+  const int64_t K = X.size(0), M = X.size(1);
 #if defined(CPU_CAPABILITY_AVX512)
   at::Tensor C = at::empty({M, N}, X.options());
   if (K == 0 || M == 0 || N == 0) return C.zero_();
-  const float *x = X.data_ptr<float>(), *y = Y.data_ptr<float>();
+  const float* x = X.data_ptr<float>();
   float* c = C.data_ptr<float>();
-  const int64_t panels = (N + kPanel - 1) / kPanel, tiles = (M + 5) / 6, parts = at::get_num_threads();
-  const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
+  const int64_t panels_n = panel_count(N), tiles = (M + 5) / 6, parts = at::get_num_threads();
+  const int64_t slices = panels_n % parts == 0 ? 1 : parts, items = panels_n * slices;
   // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel). A part-filled
   // tile's padding is never read (the tile's own width), a part-filled panel's is never stored (the masks), but is
   // zero (no denormals or NaN in the lanes the FMAs run on anyway).
-  at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options()), Yp = at::zeros({parts, kTnBlock, kPanel}, X.options());
+  at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options());
+  at::Tensor Yp = at::zeros({panels ? 0 : parts, kTnBlock, kPanel}, X.options());
   at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i0 = items * t / parts, i1 = items * (t + 1) / parts;
       if (i0 >= i1) continue;
-      float *xp = Xp.data_ptr<float>() + t * tiles * kTnBlock * 6, *yp = Yp.data_ptr<float>() + t * kTnBlock * kPanel;
+      float* xp = Xp.data_ptr<float>() + t * tiles * kTnBlock * 6;
+      float* yp = panels ? nullptr : Yp.data_ptr<float>() + t * kTnBlock * kPanel;
       // the tiles this thread's items use: all, or its one item's slice (slices split at tile bounds)
       const bool all = slices == 1 || i1 - i0 > 1;
       const int64_t tile0 = all ? 0 : tiles * (i0 % slices) / slices;
@@ -317,14 +350,23 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
         }
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t q = i / slices, s = i % slices, n0 = q * kPanel, w = std::min(kPanel, N - n0);
-          for (int64_t k = 0; k < kc; ++k) std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
+          const float* block = yp;
+          if (panels) {
+            block = y + (q * K + k0) * kPanel;
+          } else {
+            for (int64_t k = 0; k < kc; ++k) {  // each row of the panel from its own page: fetched 16 rows ahead
+              if (k + 16 < kc)
+                for (int64_t o = 0; o < w; o += 16) _mm_prefetch(reinterpret_cast<const char*>(y + (k0 + k + 16) * N + n0 + o), _MM_HINT_T0);
+              std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
+            }
+          }
           __mmask16 mask[4];
           panel_masks(w, mask);
           for (int64_t ti = tiles * s / slices; ti < tiles * (s + 1) / slices; ++ti) {
             const int64_t m = ti * 6;
             const float* xt = xp + ti * kTnBlock * 6;
             float* ct = c + m * N + n0;
-            tile_rows(std::min<int64_t>(6, M - m), xt, 1, 6, yp, kc, ct, N, mask, k0 > 0);
+            tile_rows(std::min<int64_t>(6, M - m), xt, 1, 6, block, kc, ct, N, mask, k0 > 0);
           }
         }
       }
@@ -332,9 +374,13 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
   });
   return C;
 #else
-  return at::mm(X.t(), Y);
+  TORCH_CHECK(!panels, "gemm_tn: a panel-stored operand needs the micro-kernel's build");
+  return at::mm(X.t(), at::from_blob(const_cast<float*>(y), {K, N}, X.options()));
 #endif
 }
+
+// X^T Y for a row-major Y (K, N).
+at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) { return gemm_tn_of(X, Y.data_ptr<float>(), Y.size(1), false); }
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "ln_lstm kernel: ", name,
