@@ -286,6 +286,18 @@ template <typename F> inline void per_thread_rows(int64_t B, F&& f) {
 // row by row stores it this way (store_panels) and spares gemm_tn the gather of each panel's rows (rows 4 KiB
 // apart at H = 256: a page each).
 inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kByPanels = true;  // whether the kernels store their weights' gradients' operands by panels
+#else
+constexpr bool kByPanels = false;
+#endif
+
+// The calling thread's streaming stores (store_panels) made visible: before any other thread may read them.
+inline void fence_streams() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 
 // Row k of a panel-stored Y (K rows) from the N values at row. A whole panel's 64 floats (four cache lines, aligned
 // where yp is) go by streaming stores: the row is written once and read back only by gemm_tn after the sequence, so

@@ -151,12 +151,6 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
 // With the micro-kernel, the weights' gradients read the products' gradients dR and dA stored by panels
 // (store_panels, as each row is done): dR in the work buffer, each step's rows also row-major in a B x 4H buffer
 // for the step's GEMM. Elsewhere dR is (T, B, 4H), row-major, and dA always comes back.
-#if defined(CPU_CAPABILITY_AVX512)
-constexpr bool kByPanels = true;
-#else
-constexpr bool kByPanels = false;
-#endif
-
 int64_t dr_numel(int64_t T, int64_t B, int64_t H) { return T * B * (kByPanels ? panel_count(4 * H) * kPanel : 4 * H); }
 
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
@@ -282,6 +276,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         }
         store_row();
       }
+      fence_streams();  // the panels, before gemm_tn reads them (on whichever thread)
     }
   };
   // rows past their length carry dh unchanged
@@ -299,9 +294,6 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         carry_rows(t, dh, dhn, b0, b1);
         std::swap(dh, dhn);
       }
-#if defined(CPU_CAPABILITY_AVX512)
-      _mm_sfence();  // the panels' streamed stores, before gemm_tn reads them
-#endif
     });
     if (T % 2 == 1) std::swap(dH, dHn);
   } else {
@@ -312,9 +304,6 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
       carry_rows(t, dh, dhn, 0, B);
       std::swap(dH, dHn);
     }
-#if defined(CPU_CAPABILITY_AVX512)
-    at::parallel_for(0, at::get_num_threads(), 1, [](int64_t, int64_t) { _mm_sfence(); });
-#endif
   }
   // the weights' gradients: x^T dA and h^T dR over every (row, step), in the orders their rows were stored in
   at::Tensor dW_hh = gemm_tn_of(Hprev.view({T * B, H}), dr_all, G, kByPanels).t().contiguous();

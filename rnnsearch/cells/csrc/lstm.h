@@ -242,6 +242,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   auto opts = XH.options();
   const int nthreads = at::get_num_threads();
   at::Tensor dG = at::empty({T, B, G}, opts);
+  // with the micro-kernel, dG's rows also stored by panels as each is done, for [W_ih W_hh]'s gradient (gemm_tn)
+  at::Tensor dGp = at::empty({kByPanels ? panel_count(G) : 0, T * B, kPanel}, opts);
+  float* dgp = dGp.data_ptr<float>();
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   // per thread: the peepholes' gradients, and one step's rows of the bias' (then added to a float64 sum, so that a
   // long sequence's sum keeps its precision)
@@ -279,6 +282,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
           float* dgb = dg_all + (t * B + b) * G;
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
             std::fill(dgb, dgb + G, 0.f);
+            if (kByPanels) store_panels(dgb, G, dgp, T * B, t * B + b);
             if constexpr (S::gate_rec) std::fill(dq + b * 3 * H, dq + (b + 1) * 3 * H, 0.f);
             continue;
           }
@@ -353,7 +357,9 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
             }
             st(dcb + k, dcp);
           });
+          if (kByPanels) store_panels(dgb, G, dgp, T * B, t * B + b);
         }
+        fence_streams();  // the panels, before gemm_tn reads them (on whichever thread)
         double* bsum = bsum_all + tid * G;
         for (int64_t i = 0; i < G; ++i) bsum[i] += pb[i];
       }
@@ -402,7 +408,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       std::swap(dS, dSn);
     }
   });
-  at::Tensor dW = gemm_tn(XH.view({T * B, W}), dG.view({T * B, G})).t().contiguous();  // [W_ih W_hh]'s
+  at::Tensor dW = gemm_tn_of(XH.view({T * B, W}), kByPanels ? dgp : dg_all, G, kByPanels).t().contiguous();  // [W_ih W_hh]'s
   at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
   if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = gemm_tn(S.narrow(0, 0, T).reshape({T * B, 3 * H}), dQ.view({T * B, 3 * H})).t().contiguous();
