@@ -11,6 +11,7 @@ its extension with ``ln_lstm``'s; the first test to load it builds it (about a m
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Optional
 
 import pytest
@@ -48,9 +49,11 @@ def _cell(hidden: int = H, inputs: int = IN, **options: Any) -> LSTMCell:
     return cell
 
 
-def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool):
-    """Outputs, final state and the gradients of a loss on them all, w.r.t. input, state and parameters."""
-    x = x.to(cell.weight_hh.dtype).clone().requires_grad_()
+def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_state: bool,
+         input_grad: bool = True):
+    """Outputs, final state and the gradients of a loss on them all, w.r.t. input (unless not ``input_grad``: the
+    kernel then keeps only each step's rows of the gates' gradient), state and parameters."""
+    x = x.to(cell.weight_hh.dtype).clone().requires_grad_(input_grad)
     cell.zero_grad(set_to_none=True)
     state = None
     if with_state:
@@ -64,7 +67,7 @@ def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_
     if len(final) == 3:  # FGR's gate state
         loss = loss + (final[2] * torch.linspace(-1, 1, final[2].numel(), dtype=out.dtype).view_as(final[2])).sum()
     loss.backward()
-    grads = {"x": x.grad, **{n: p.grad for n, p in cell.named_parameters()}}
+    grads = {**({"x": x.grad} if input_grad else {}), **{n: p.grad for n, p in cell.named_parameters()}}
     if with_state:
         grads.update({f"state{k}": s.grad for k, s in enumerate(state)})
     if len(final) == 3:
@@ -91,14 +94,15 @@ def _run(cell: LSTMCell, x: torch.Tensor, lengths: Optional[torch.Tensor], with_
     ({"variant": "FGR", "cell_clip": 0.5, "hidden": 13}, None, False),
 ], ids=["defaults", "peepholes-lengths-state", "peepholes-clip", "clip-no-forget-bias", "hidden-13", "NIG",
         "NFG-clip", "NOG", "NIAF", "NOAF-hidden-13", "NP", "CIFG", "CIFG-clip", "FGR", "FGR-clip-hidden-13"])
-def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, eager_compile):
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, input_grad, eager_compile):
     """As close to exact arithmetic as the float32 cell: within 3x its worst relative error (+1e-6), for every tensor."""
     x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
-    exact = _run(_cell(**options).double(), x, lengths, with_state)
-    generic = _run(_cell(**options), x, lengths, with_state)
+    exact = _run(_cell(**options).double(), x, lengths, with_state, input_grad)
+    generic = _run(_cell(**options), x, lengths, with_state, input_grad)
     cell = _cell(**options)
     cell.sequence_runner = ChunkRunner(4)
-    kernel = _run(cell, x, lengths, with_state)
+    kernel = _run(cell, x, lengths, with_state, input_grad)
     assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0, "the kernel ran"
     if lengths is not None:
         assert (kernel[0][1, 4:] == 0).all(), "steps past a sequence's length output zeros"
@@ -109,13 +113,16 @@ def test_the_kernel_matches_the_cell_in_float64(options, lengths, with_state, ea
 
 
 @UNEVEN_TILES
-def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs,
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-grad", "no-input-grad"])
+def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, hidden, threads, inputs, input_grad,
                                                                          eager_compile):
     """The per-step GEMMs run in tiles of 6 batch rows by 64 weight columns (on AVX-512), the column panels split
     over the threads (and each panel's rows too where the panels do not divide among them), or each thread its own
     rows (rows apart, the kernel_threads fixture): batches and widths that leave part-filled tiles, panel counts the
-    threads do not divide, and both routes match float64 as closely as the cell does."""
-    check_uneven_tiles(_cell, _run, lambda c: c.sequence_runner.kernel_calls, batch, hidden, threads, inputs or IN)
+    threads do not divide, and both routes match float64 as closely as the cell does; with an input gradient (the
+    gates' gradient kept for it) and without (only each step's rows kept)."""
+    run = functools.partial(_run, input_grad=input_grad)
+    check_uneven_tiles(_cell, run, lambda c: c.sequence_runner.kernel_calls, batch, hidden, threads, inputs or IN)
 
 
 def test_a_long_sequence_keeps_the_bias_gradients_precision(eager_compile):

@@ -88,7 +88,7 @@ class LSTMSequence(torch.autograd.Function):
         ext = ln_lstm_kernel.load()
         dG, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ext.lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
-            saved[5], Mh, valid, work[0])
+            saved[5], Mh, valid, work[0], ctx.needs_input_grad[0])  # dG itself only for the input's gradient
         if fgr:
             WORKSPACE.give(work)
         # the input's gradient, batch-first again; dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])

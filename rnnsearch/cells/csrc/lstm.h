@@ -212,7 +212,7 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
 }
 
 // Gradients of lstm_forward: returns dG (T, B, nH), the gates' pre-activation gradient (the input's is dG W_ih, one
-// GEMM left to the caller), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
+// GEMM left to the caller; empty unless with_dG), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
 // [x_t, h_{t-1}]), dbias, dw_ci, dw_cf, dw_co (each peephole's gradient is zeros where forward had no such weight),
 // ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work buffer; the saved tensors are left as they were.
 // Zoneout: Zh, Zc and Cnew as in lstm_forward (else empty); the part of h's gradient a unit keeps goes straight to
@@ -225,7 +225,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
                                       const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
                                       const at::Tensor& Cnew, const at::Tensor& Mh, const at::Tensor& valid,
-                                      const at::Tensor& dQ) {
+                                      const at::Tensor& dQ, bool with_dG) {
   for (auto* p : {&W_hh, &XH, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
@@ -241,8 +241,11 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   const float cc = static_cast<float>(cell_clip);
   auto opts = XH.options();
   const int nthreads = at::get_num_threads();
-  at::Tensor dG = at::empty({T, B, G}, opts);
-  // with the micro-kernel, dG's rows also stored by panels as each is done, for [W_ih W_hh]'s gradient (gemm_tn)
+  // with the micro-kernel, dG's rows are stored by panels as each is done, for [W_ih W_hh]'s gradient (gemm_tn),
+  // and row-major for the step's GEMM: the whole sequence's where the caller wants dG (the input's gradient), else
+  // only the step's (one B x nH buffer)
+  const bool dg_whole = with_dG || !kByPanels;
+  at::Tensor dG = at::empty({dg_whole ? T : 1, B, G}, opts);
   at::Tensor dGp = at::empty({kByPanels ? panel_count(G) : 0, T * B, kPanel}, opts);
   float* dgp = dGp.data_ptr<float>();
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
@@ -261,6 +264,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   const float *c_all = Cprev.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>();
   float *dg_all = dG.data_ptr<float>(), *part_all = part.data_ptr<float>();
+  auto dg_step = [&](int64_t t) { return dg_all + (dg_whole ? t : 0) * B * G; };  // step t's rows of dG
   with_variant(variant, [&](auto vc) {
     using S = Spec<decltype(vc)::value>;
     TORCH_CHECK(G == S::gates * H, "lstm kernel: ", G, " recurrent weight rows for ", S::gates, " gates of ", H);
@@ -279,7 +283,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         float* pb = pp + 3 * H;                    // d bias, this step's rows
         std::fill(pb, pb + G, 0.f);
         for (int64_t b = b0; b < b1; ++b) {
-          float* dgb = dg_all + (t * B + b) * G;
+          float* dgb = dg_step(t) + b * G;
           if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
             std::fill(dgb, dgb + G, 0.f);
             if (kByPanels) store_panels(dgb, G, dgp, T * B, t * B + b);
@@ -383,7 +387,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
         for (int64_t t = T - 1; t >= 0; --t) {
           step_rows(t, dh, ds, b0, b1);
-          gemm_rows(dg_all + t * B * G, w_hh, dhn, b0, b1);
+          gemm_rows(dg_step(t), w_hh, dhn, b0, b1);
           // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
           if constexpr (S::gate_rec) gemm_rows(dq_all + t * B * 3 * H, w_gr, dsn, b0, b1);
           after_rows(t, dh, dhn, ds, dsn, b0, b1);
@@ -395,7 +399,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       float *dh = dh_p, *dhn = dhn_p, *ds = ds_p, *dsn = dsn_p;
       for (int64_t t = T - 1; t >= 0; --t) {
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, ds, b0, b1); });
-        gemm_packed(dg_all + t * B * G, w_hh, dhn, B);
+        gemm_packed(dg_step(t), w_hh, dhn, B);
         if constexpr (S::gate_rec) gemm_packed(dq_all + t * B * 3 * H, w_gr, dsn, B);
         if (masked || zoned)
           at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { after_rows(t, dh, dhn, ds, dsn, b0, b1); });
@@ -410,6 +414,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   });
   at::Tensor dW = gemm_tn_of(XH.view({T * B, W}), kByPanels ? dgp : dg_all, G, kByPanels).t().contiguous();  // [W_ih W_hh]'s
   at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
+  if (!with_dG) dG = at::Tensor();
   if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = gemm_tn(S.narrow(0, 0, T).reshape({T * B, 3 * H}), dQ.view({T * B, 3 * H})).t().contiguous();
   return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
