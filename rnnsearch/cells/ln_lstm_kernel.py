@@ -224,14 +224,12 @@ class LNLSTMSequence(torch.autograd.Function):
         (B, T, _), G = x.shape, W_hh.shape[0]
         ext = load()
         (dR,) = WORKSPACE.take([(ext.dr_numel(T, B, G // 4),)], x, fresh_drops_others=False)  # back right after
-        # the input products' gradient dA comes back only where x needs its own (it is stored for W_ih's gradient,
-        # computed inside, in the order that GEMM reads fastest)
-        want_dx = ctx.needs_input_grad[0]
-        dA, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid, dR,
-                                                   want_dx)
+        # x's gradient (only where it needs one) and W_ih's are the kernel's too
+        dx, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid,
+                                                   dR, ctx.needs_input_grad[0])
         WORKSPACE.give([dR])
-        dx = mm_by_panels(ext, dA.view(B * T, G), W_ih).view_as(x) if want_dx else None
-        return (dx, dW_ih if ctx.needs_input_grad[1] else None, dh0, dc0, *grads, None, None, None)
+        return (dx if ctx.needs_input_grad[0] else None, dW_ih if ctx.needs_input_grad[1] else None, dh0, dc0, *grads,
+                None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:

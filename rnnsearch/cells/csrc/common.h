@@ -98,11 +98,12 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 // runs serially inside a parallel region), 9–19% faster per call on the project's earlier 2-core CPU at H = 128
 // and 256 (untransposed B; docs/performance.md).
 void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, int64_t N, bool bt = false,
-               int64_t lda = 0) {
+               int64_t lda = 0, int64_t ldc = 0) {
   if (lda <= 0) lda = K;
+  if (ldc <= 0) ldc = N;
   if (sgemm_ == nullptr || at::get_num_threads() < 2) {
     auto opts = at::TensorOptions().dtype(at::kFloat);
-    at::Tensor C = at::from_blob(c, {M, N}, opts);
+    at::Tensor C = at::from_blob(c, {M, N}, {ldc, 1}, opts);
     at::Tensor Bm = bt ? at::from_blob(const_cast<float*>(b), {N, K}, opts).t()
                        : at::from_blob(const_cast<float*>(b), {K, N}, opts);
     at::mm_out(C, at::from_blob(const_cast<float*>(a), {M, K}, {lda, 1}, opts), Bm);
@@ -113,13 +114,14 @@ void gemm_cols(const float* a, const float* b, float* c, int64_t M, int64_t K, i
     for (int64_t p = p0; p < p1; ++p) {
       // column-major view: C^T (N, M) = B^T (N, K) @ A^T (K, M), on the block of columns [n0, n1)
       const int n0 = static_cast<int>(N * p / parts), nn = static_cast<int>(N * (p + 1) / parts) - n0;
-      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N), la = static_cast<int>(lda);
+      const int m = static_cast<int>(M), k = static_cast<int>(K), n = static_cast<int>(N), la = static_cast<int>(lda),
+                lc = static_cast<int>(ldc);
       const float one = 1.f, zero = 0.f;
       if (nn <= 0) continue;
       if (bt)  // B^T's rows [n0, n0 + nn) are the stored B's rows: column-major (K, N), taken transposed
-        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &la, &zero, c + n0, &n);
+        sgemm_("T", "N", &nn, &m, &k, &one, b + static_cast<int64_t>(n0) * K, &k, a, &la, &zero, c + n0, &lc);
       else
-        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &la, &zero, c + n0, &n);
+        sgemm_("N", "N", &nn, &m, &k, &one, b + n0, &n, a, &la, &zero, c + n0, &lc);
     }
   });
 }
@@ -212,21 +214,24 @@ inline void panel_masks(int64_t width, __mmask16* mask) {
   }
 }
 
-// Rows [m0, m1) of C against panel q.
-inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, int64_t q, int64_t m0, int64_t m1) {
+// Rows [m0, m1) of C (rows ldc apart) against panel q.
+inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, int64_t ldc, int64_t q, int64_t m0,
+                       int64_t m1) {
   const int64_t K = p.K, N = p.N, n0 = q * kPanel;
   const float* panel = p.buf.data_ptr<float>() + q * K * kPanel;
   __mmask16 mask[4];
   panel_masks(N - n0, mask);
   for (int64_t m = m0; m < m1; m += 6)
-    tile_rows(std::min<int64_t>(6, m1 - m), a + m * lda, lda, 1, panel, K, c + m * N + n0, N, mask, false);
+    tile_rows(std::min<int64_t>(6, m1 - m), a + m * lda, lda, 1, panel, K, c + m * ldc + n0, ldc, mask, false);
 }
 #endif
 
-// C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C contiguous, B packed by pack_b. Each thread
-// takes its share of the panels, and where the panels do not divide evenly among the threads, of each panel's rows.
-void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t lda = 0) {
+// C (M, N) = A (M, K) @ B, A's rows lda apart (0: K, contiguous), C's ldc apart (0: N), B packed by pack_b. Each
+// thread takes its share of the panels, and where the panels do not divide evenly among the threads, of each
+// panel's rows.
+void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t lda = 0, int64_t ldc = 0) {
   if (lda <= 0) lda = p.K;
+  if (ldc <= 0) ldc = p.N;
 #if defined(CPU_CAPABILITY_AVX512)
   const int64_t panels = p.buf.size(0), parts = at::get_num_threads();
   const int64_t slices = panels % parts == 0 ? 1 : parts, items = panels * slices;
@@ -234,25 +239,27 @@ void gemm_packed(const float* a, const PackedB& p, float* c, int64_t M, int64_t 
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t i = items * t / parts; i < items * (t + 1) / parts; ++i) {
         const int64_t q = i / slices, s = i % slices;
-        panel_rows(a, lda, p, c, q, M * s / slices, M * (s + 1) / slices);
+        panel_rows(a, lda, p, c, ldc, q, M * s / slices, M * (s + 1) / slices);
       }
   });
 #else
-  gemm_cols(a, p.src, c, M, p.K, p.N, p.bt, lda);
+  gemm_cols(a, p.src, c, M, p.K, p.N, p.bt, lda, ldc);
 #endif
 }
 
-// Rows [m0, m1) of C (M, N) = A @ B (B packed by pack_b; A's rows lda apart, 0: K), every column, on the calling
-// thread: for a kernel whose threads each take their own batch rows through the whole sequence (rows_apart).
-void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m1, int64_t lda = 0) {
+// Rows [m0, m1) of C (M, N) = A @ B (B packed by pack_b; A's rows lda apart, 0: K; C's ldc apart, 0: N), every
+// column, on the calling thread: for a kernel whose threads each take their own batch rows through the whole
+// sequence (rows_apart).
+void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m1, int64_t lda = 0, int64_t ldc = 0) {
   if (lda <= 0) lda = p.K;
+  if (ldc <= 0) ldc = p.N;
   if (m1 <= m0) return;
 #if defined(CPU_CAPABILITY_AVX512)
-  for (int64_t q = 0; q < p.buf.size(0); ++q) panel_rows(a, lda, p, c, q, m0, m1);
+  for (int64_t q = 0; q < p.buf.size(0); ++q) panel_rows(a, lda, p, c, ldc, q, m0, m1);
 #else
   auto opts = at::TensorOptions().dtype(at::kFloat);
   const int64_t K = p.K, N = p.N;
-  at::Tensor C = at::from_blob(c + m0 * N, {m1 - m0, N}, opts);
+  at::Tensor C = at::from_blob(c + m0 * ldc, {m1 - m0, N}, {ldc, 1}, opts);
   at::Tensor Bm = p.bt ? at::from_blob(const_cast<float*>(p.src), {N, K}, opts).t()
                        : at::from_blob(const_cast<float*>(p.src), {K, N}, opts);
   at::mm_out(C, at::from_blob(const_cast<float*>(a + m0 * lda), {m1 - m0, K}, {lda, 1}, opts), Bm);

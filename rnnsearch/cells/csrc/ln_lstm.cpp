@@ -141,26 +141,27 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
   return {out, hT, Cprev[T].clone()};
 }
 
-// Gradients of ln_lstm_forward: returns dA (B, T, 4H; the input products', for x's gradient; empty unless with_dA),
-// dh0, dc0, dW_ih, dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. x is the forward's input (for W_ih's gradient), dR a work
-// buffer of dr_numel(T, B, H) floats; every saved tensor is left as it was (a second backward with retain_graph
-// reads them again).
+// Gradients of ln_lstm_forward: returns dx (B, T, I; empty unless with_dx), dh0, dc0, dW_ih, dW_hh, dg_ih, dg_hh,
+// dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of dr_numel(T, B, H) floats; every saved tensor
+// is left as it was (a second backward with retain_graph reads them again). x's gradient is one more GEMM of each
+// step's, dA_t W_ih over the rows the step just made.
 // Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
 // passes: the sums ride along with the pass that makes dy, the result with the pass that uses it; the
 // normalised values (ŷ of the input products and of the cell) are recomputed from the stats, not saved.
 // With the micro-kernel, the weights' gradients read the products' gradients dR and dA stored by panels
-// (store_panels, as each row is done): dR in the work buffer, each step's rows also row-major in a B x 4H buffer
-// for the step's GEMM. Elsewhere dR is (T, B, 4H), row-major, and dA always comes back.
+// (store_panels, as each row is done): dR in the work buffer, dA in one of its own; each step's rows of both also
+// row-major in a B x 4H buffer each, for the step's GEMMs. Elsewhere dR is (T, B, 4H) and dA (B, T, 4H), row-major.
 int64_t dr_numel(int64_t T, int64_t B, int64_t H) { return T * B * (kByPanels ? panel_count(4 * H) * kPanel : 4 * H); }
 
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
-                                         const at::Tensor& x, const at::Tensor& W_hh, const at::Tensor& g_ih,
+                                         const at::Tensor& x, const at::Tensor& W_ih, const at::Tensor& W_hh,
+                                         const at::Tensor& g_ih,
                                          const at::Tensor& g_hh, const at::Tensor& g_c, const at::Tensor& b_c,
                                          const at::Tensor& A, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                          const at::Tensor& Rhat, const at::Tensor& Acts, const at::Tensor& Tc,
                                          const at::Tensor& Stats, const at::Tensor& valid, const at::Tensor& dR,
-                                         bool with_dA) {
-  for (auto* p : {&x, &W_hh, &g_ih, &g_hh, &g_c, &A, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats, &dR})
+                                         bool with_dx) {
+  for (auto* p : {&x, &W_ih, &W_hh, &g_ih, &g_hh, &g_c, &A, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats, &dR})
     check(*p, "every tensor");
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = 4 * H, I = x.size(2);
@@ -169,24 +170,31 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   const bool masked = valid.numel() > 0;
   auto opts = Hprev.options();
   const int nthreads = at::get_num_threads();
-  at::Tensor dA = with_dA || !kByPanels ? at::empty({B, T, G}, opts) : at::Tensor();  // row-major, for x's gradient
-  at::Tensor dAp = kByPanels ? at::empty({panel_count(G), B * T, kPanel}, opts) : at::Tensor();  // for W_ih's
-  at::Tensor dRs = kByPanels ? at::empty({B, G}, opts) : at::Tensor();  // the step's dR rows, row-major
+  // dA: by panels for W_ih's gradient and the step's rows for x's (else the whole of it, row-major); the step's dR
+  at::Tensor dA = kByPanels ? at::empty({panel_count(G), B * T, kPanel}, opts) : at::empty({B, T, G}, opts);
+  at::Tensor dAs = at::empty({kByPanels ? B : 0, G}, opts), dRs = at::empty({kByPanels ? B : 0, G}, opts);
+  at::Tensor dx = at::empty({with_dx ? B : 0, T, I}, opts);
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part4 = at::zeros({nthreads, 3, G}, opts), part1 = at::zeros({nthreads, 2, H}, opts);
-  at::Tensor scratch = at::empty({nthreads, 2 * G + H}, opts);
+  at::Tensor scratch = at::empty({nthreads, G + H}, opts);
   const float *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(), *gc = g_c.data_ptr<float>(),
               *do_p = dout.data_ptr<float>(), *a_p = A.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
   const float *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(), *ac_all = Acts.data_ptr<float>(),
               *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>();
-  float *dr_all = dR.data_ptr<float>(), *da = dA.defined() ? dA.data_ptr<float>() : nullptr,
-        *dap = kByPanels ? dAp.data_ptr<float>() : nullptr, *p4_all = part4.data_ptr<float>(),
-        *p1_all = part1.data_ptr<float>(), *scr_all = scratch.data_ptr<float>(),
-        *drs = kByPanels ? dRs.data_ptr<float>() : nullptr;
-  // the rows step t's GEMM reads dR from
-  auto dr_step = [&](int64_t t) -> const float* { return kByPanels ? drs : dr_all + t * B * G; };
+  float *dr_all = dR.data_ptr<float>(), *da = dA.data_ptr<float>(), *p4_all = part4.data_ptr<float>(),
+        *p1_all = part1.data_ptr<float>(), *scr_all = scratch.data_ptr<float>(), *drs = dRs.data_ptr<float>(),
+        *das = dAs.data_ptr<float>(), *dx_p = dx.data_ptr<float>();
+  // where row b of step t's dR and dA go, and where the step's GEMMs read them (rows G, or dA's T * G, apart)
+  auto dr_row = [&](int64_t t, int64_t b) { return kByPanels ? drs + b * G : dr_all + (t * B + b) * G; };
+  auto da_row = [&](int64_t t, int64_t b) { return kByPanels ? das + b * G : da + (b * T + t) * G; };
+  const int64_t da_lda = kByPanels ? G : T * G;
   const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
+  const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), G, I, false);  // dx_t = dA_t W_ih
+  // step t's rows [b0, b1) of x's gradient, on the calling thread (rows of dx T * I apart)
+  auto dx_rows = [&](int64_t t, int64_t b0, int64_t b1) {
+    if (with_dx) gemm_rows(da_row(t, 0), w_ih, dx_p + t * I, b0, b1, da_lda, T * I);
+  };
   // step t for rows [b0, b1), from h's gradient dh (rows of B x H): everything before the step's GEMM
   float* dc = dC.data_ptr<float>();
   auto step_rows = [&](int64_t t, const float* dh, int64_t b0, int64_t b1) {
@@ -196,16 +204,14 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
       const int tid = at::get_thread_num();
       float* p4 = p4_all + tid * 3 * G;  // dbias, dg_hh, dg_ih partial sums
       float* p1 = p1_all + tid * 2 * H;  // dg_c, db_c
-      float* dg = scr_all + tid * (2 * G + H);  // the gates' gradient (4H)
+      float* dg = scr_all + tid * (G + H);  // the gates' gradient (4H)
       float* dcn = dg + G;                      // the gradient at the cell norm's output (H)
-      float* da_row = dcn + H;                  // a row of dA, before store_panels (4H)
       for (int64_t b = b0; b < b1; ++b) {
-        float* dab = da ? da + (b * T + t) * G : da_row;
-        float* drb = kByPanels ? drs + b * G : dr_all + (t * B + b) * G;
+        float *dab = da_row(t, b), *drb = dr_row(t, b);
         auto store_row = [&] {  // a finished row, on to the panels the weights' gradients read
           if (kByPanels) {
             store_panels(drb, G, dr_all, T * B, t * B + b);
-            store_panels(dab, G, dap, B * T, b * T + t);
+            store_panels(dab, G, da, B * T, b * T + t);
           }
         };
         if (masked && !vp[t * B + b]) {  // the state was carried: its gradient passes straight through
@@ -290,7 +296,8 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
       float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
       for (int64_t t = T - 1; t >= 0; --t) {
         step_rows(t, dh, b0, b1);
-        gemm_rows(dr_step(t), w_hh, dhn, b0, b1);
+        gemm_rows(dr_row(t, 0), w_hh, dhn, b0, b1);
+        dx_rows(t, b0, b1);
         carry_rows(t, dh, dhn, b0, b1);
         std::swap(dh, dhn);
       }
@@ -300,16 +307,17 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
     for (int64_t t = T - 1; t >= 0; --t) {
       float *dh = dH.data_ptr<float>(), *dhn = dHn.data_ptr<float>();
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, b0, b1); });
-      gemm_packed(dr_step(t), w_hh, dhn, B);
+      gemm_packed(dr_row(t, 0), w_hh, dhn, B);
+      if (with_dx) gemm_packed(da_row(t, 0), w_ih, dx_p + t * I, B, da_lda, T * I);
       carry_rows(t, dh, dhn, 0, B);
       std::swap(dH, dHn);
     }
   }
   // the weights' gradients: x^T dA and h^T dR over every (row, step), in the orders their rows were stored in
   at::Tensor dW_hh = gemm_tn_of(Hprev.view({T * B, H}), dr_all, G, kByPanels).t().contiguous();
-  at::Tensor dW_ih = gemm_tn_of(x.view({B * T, I}), kByPanels ? dap : da, G, kByPanels).t().contiguous();
+  at::Tensor dW_ih = gemm_tn_of(x.view({B * T, I}), da, G, kByPanels).t().contiguous();
   at::Tensor s4 = part4.sum(0), s1 = part1.sum(0);
-  return {with_dA ? dA : at::Tensor(), dH, dC, dW_ih, dW_hh, s4[2], s4[1], s4[0], s1[0], s1[1]};
+  return {with_dx ? dx : at::Tensor(), dH, dC, dW_ih, dW_hh, s4[2], s4[1], s4[0], s1[0], s1[1]};
 }
 
 // a (M, K) @ b: b (K, N), or with bt (N, K) used transposed; float32, contiguous. A whole sequence's product
