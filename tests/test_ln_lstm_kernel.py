@@ -106,6 +106,21 @@ def test_the_kernel_matches_the_cell_where_its_gemm_tiles_split_unevenly(batch, 
     check_uneven_tiles(_cell, run, _kernel_calls, batch, hidden, threads, inputs or IN)
 
 
+def test_a_frozen_input_weight_runs_the_kernel_and_the_other_gradients_hold(eager_compile):
+    """W_ih frozen: the kernel still runs (it skips W_ih's gradient), and every other tensor is as close to float64 as
+    the float32 cell's."""
+    x = torch.randn(B, T, IN, generator=torch.Generator().manual_seed(2))
+    options = {"forget_bias": 0.3, "eps": 1e-3}  # as the float64 test's "options-lengths-state"
+    cells = [_cell(**options).double(), _cell(**options), _cell(**options)]
+    for cell in cells:
+        cell.weight_ih.requires_grad_(False)
+    cells[2].sequence_runner = ChunkRunner(4)
+    exact, generic, kernel = (_run(cell, x, LENGTHS, True) for cell in cells)
+    assert _kernel_calls(cells[2]) == 1
+    assert all(run[3].pop("weight_ih") is None for run in (exact, generic, kernel))
+    assert_as_close_as_float32(exact, generic, kernel)
+
+
 def test_a_bidirectional_stack_runs_every_cell_through_the_kernel(eager_compile):
     torch.manual_seed(0)
     model = {"hidden_size": H, "num_layers": 2, "bidirectional": True, "fused": "never"}

@@ -136,12 +136,6 @@ def load() -> Any:
         return _ext
 
 
-def mm_by_panels(ext: Any, a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (a sequence's gradient through an input weight, ``b`` (K, N) contiguous) through the kernels' GEMM
-    where ``b`` is at least one of its panels wide (64 columns), else ``torch.mm`` (MKL was faster for narrower)."""
-    return ext.packed_mm(a, b, False) if b.shape[1] >= 64 else torch.mm(a, b)
-
-
 class Workspace:
     """Buffers for the saved activations, handed back when their graph is freed and reused by the next sequence.
 
@@ -227,7 +221,7 @@ class LNLSTMSequence(torch.autograd.Function):
         (dR,) = WORKSPACE.take([(ext.dr_numel(T, B, G // 4),)], x, fresh_drops_others=False)  # back right after
         # x's gradient (only where it needs one) and W_ih's are the kernel's too
         dx, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid,
-                                                   dR, ctx.needs_input_grad[0])
+                                                   dR, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         WORKSPACE.give([dR])
         return (dx if ctx.needs_input_grad[0] else None, dW_ih if ctx.needs_input_grad[1] else None, dh0, dc0, *grads,
                 None, None, None)

@@ -86,15 +86,14 @@ class LSTMSequence(torch.autograd.Function):
         # FGR's work buffer: back right after
         work = WORKSPACE.take([(T, B, 3 * H)], W_hh, fresh_drops_others=False) if fgr else [W_hh.new_empty(0)]
         ext = ln_lstm_kernel.load()
-        dG, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ext.lstm_backward(
+        # the input's gradient (time-major; a GEMM of each backward step's) only where it needs one
+        dx, dh0, dc0, dW, dbias, dci, dcf, dco, ds0, dWgr = ext.lstm_backward(
             dout, dhT, dcT, W_hh, w_ci, w_cf, w_co, ctx.cell_clip, ctx.variant, dsT, W_gr, *saved[:5], Zh, Zc,
-            saved[5], Mh, valid, work[0], ctx.needs_input_grad[0])  # dG itself only for the input's gradient
+            saved[5], Mh, valid, work[0], W_ih, ctx.needs_input_grad[0])
         if fgr:
             WORKSPACE.give(work)
-        # the input's gradient, batch-first again; dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = ln_lstm_kernel.mm_by_panels(ext, dG.view(T * B, -1), W_ih).view(T, B, I).transpose(0, 1)
+        # the input's gradient batch-first again; dW holds [W_ih W_hh]'s (one GEMM over [x_t, h_{t-1}])
+        dx = dx.transpose(0, 1) if ctx.needs_input_grad[0] else None
         peep = tuple(g if w.numel() else None for g, w in ((dci, w_ci), (dcf, w_cf), (dco, w_co)))
         return (dx, dW[:, :I], dh0, dc0, ds0 if fgr else None, dW[:, I:], dbias, dWgr if fgr else None, *peep,
                 None, None, None, None, None, None, None)

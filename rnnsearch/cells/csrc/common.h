@@ -92,8 +92,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
-// C (M, N) = A (M, K) @ B, all row-major, A's rows lda apart (K: contiguous), B and C contiguous: B (K, N), or with
-// bt B (N, K) used transposed (a weight as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
+// C (M, N) = A (M, K) @ B, all row-major, A's rows lda apart (0: K, contiguous), C's ldc apart (0: N), B contiguous:
+// B (K, N), or with bt B (N, K) used transposed (a weight as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
 // badly over threads: here each thread computes its own block of C's columns with a single-threaded sgemm (BLAS
 // runs serially inside a parallel region), 9–19% faster per call on the project's earlier 2-core CPU at H = 128
 // and 256 (untransposed B; docs/performance.md).
@@ -342,9 +342,9 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
   float* c = C.data_ptr<float>();
   const int64_t panels_n = panel_count(N), tiles = (M + 5) / 6, parts = at::get_num_threads();
   const int64_t slices = panels_n % parts == 0 ? 1 : parts, items = panels_n * slices;
-  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and of one panel of Y (kTnBlock, kPanel). A part-filled
-  // tile's padding is never read (the tile's own width), a part-filled panel's is never stored (the masks), but is
-  // zero (no denormals or NaN in the lanes the FMAs run on anyway).
+  // per thread: its packed blocks of X (tiles, kTnBlock, 6) and, for a row-major Y, of one panel of Y (kTnBlock,
+  // kPanel). A part-filled tile's padding is never read (the tile's own width), a part-filled panel's is never
+  // stored (the masks), but is zero, here or by store_panels (no denormals or NaN in the lanes the FMAs run on).
   at::Tensor Xp = at::empty({parts, tiles, kTnBlock, 6}, X.options());
   at::Tensor Yp = at::zeros({panels ? 0 : parts, kTnBlock, kPanel}, X.options());
   at::parallel_for(0, parts, 1, [&](int64_t t0, int64_t t1) {

@@ -6,8 +6,8 @@
 // over the threads step by step (gemm_packed; gemm_cols without AVX-512), and everything between two
 // GEMMs done in one pass per batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20,
 // tanh and sigmoid in exp form, as rnnsearch.compile's inductor options). The backward pass accumulates
-// the gains' and bias' gradients per thread while each row is in cache, and computes the recurrent
-// weight's gradient in one GEMM after the loop. Built and loaded by rnnsearch.cells.ln_lstm_kernel; the
+// the gains' and bias' gradients per thread while each row is in cache, makes the input's gradient with one more
+// GEMM each step, and computes both weights' gradients in one GEMM each after the loop. Built and loaded by rnnsearch.cells.ln_lstm_kernel; the
 // extension's one translation unit, it also binds the `lstm` kernel of lstm.h.
 #include "common.h"
 #include "lstm.h"
@@ -141,8 +141,8 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
   return {out, hT, Cprev[T].clone()};
 }
 
-// Gradients of ln_lstm_forward: returns dx (B, T, I; empty unless with_dx), dh0, dc0, dW_ih, dW_hh, dg_ih, dg_hh,
-// dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of dr_numel(T, B, H) floats; every saved tensor
+// Gradients of ln_lstm_forward: returns dx (B, T, I; undefined unless with_dx), dh0, dc0, dW_ih (undefined unless
+// with_dw_ih), dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of dr_numel(T, B, H) floats; every saved tensor
 // is left as it was (a second backward with retain_graph reads them again). x's gradient is one more GEMM of each
 // step's, dA_t W_ih over the rows the step just made.
 // Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
@@ -160,7 +160,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
                                          const at::Tensor& A, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                          const at::Tensor& Rhat, const at::Tensor& Acts, const at::Tensor& Tc,
                                          const at::Tensor& Stats, const at::Tensor& valid, const at::Tensor& dR,
-                                         bool with_dx) {
+                                         bool with_dx, bool with_dw_ih) {
   for (auto* p : {&x, &W_ih, &W_hh, &g_ih, &g_hh, &g_c, &A, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats, &dR})
     check(*p, "every tensor");
   at::Tensor dout = dout_in.contiguous();
@@ -315,7 +315,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   }
   // the weights' gradients: x^T dA and h^T dR over every (row, step), in the orders their rows were stored in
   at::Tensor dW_hh = gemm_tn_of(Hprev.view({T * B, H}), dr_all, G, kByPanels).t().contiguous();
-  at::Tensor dW_ih = gemm_tn_of(x.view({B * T, I}), da, G, kByPanels).t().contiguous();
+  at::Tensor dW_ih = with_dw_ih ? gemm_tn_of(x.view({B * T, I}), da, G, kByPanels).t().contiguous() : at::Tensor();
   at::Tensor s4 = part4.sum(0), s1 = part1.sum(0);
   return {with_dx ? dx : at::Tensor(), dH, dC, dW_ih, dW_hh, s4[2], s4[1], s4[0], s1[0], s1[1]};
 }

@@ -211,8 +211,8 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
   return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
 }
 
-// Gradients of lstm_forward: returns dG (T, B, nH), the gates' pre-activation gradient (the input's is dG W_ih, one
-// GEMM left to the caller; empty unless with_dG), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
+// Gradients of lstm_forward: returns dx (T, B, I; time-major; undefined unless with_dx: the input's gradient, one more
+// GEMM of each step's, dG_t W_ih over the gates' pre-activation gradient the step just made), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
 // [x_t, h_{t-1}]), dbias, dw_ci, dw_cf, dw_co (each peephole's gradient is zeros where forward had no such weight),
 // ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work buffer; the saved tensors are left as they were.
 // Zoneout: Zh, Zc and Cnew as in lstm_forward (else empty); the part of h's gradient a unit keeps goes straight to
@@ -225,8 +225,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
                                       const at::Tensor& Cprev, const at::Tensor& Acts, const at::Tensor& Tc,
                                       const at::Tensor& S, const at::Tensor& Zh, const at::Tensor& Zc,
                                       const at::Tensor& Cnew, const at::Tensor& Mh, const at::Tensor& valid,
-                                      const at::Tensor& dQ, bool with_dG) {
-  for (auto* p : {&W_hh, &XH, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
+                                      const at::Tensor& dQ, const at::Tensor& W_ih, bool with_dx) {
+  for (auto* p : {&W_hh, &W_ih, &XH, &Cprev, &Acts, &Tc}) check(*p, "every tensor");
   const bool fgr = W_gr.numel() > 0;
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
@@ -242,12 +242,15 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   auto opts = XH.options();
   const int nthreads = at::get_num_threads();
   // with the micro-kernel, dG's rows are stored by panels as each is done, for [W_ih W_hh]'s gradient (gemm_tn),
-  // and row-major for the step's GEMM: the whole sequence's where the caller wants dG (the input's gradient), else
-  // only the step's (one B x nH buffer)
-  const bool dg_whole = with_dG || !kByPanels;
+  // and only the step's row-major (one B x nH buffer), for the step's GEMMs; elsewhere the whole of dG, row-major
+  const bool dg_whole = !kByPanels;
   at::Tensor dG = at::empty({dg_whole ? T : 1, B, G}, opts);
   at::Tensor dGp = at::empty({kByPanels ? panel_count(G) : 0, T * B, kPanel}, opts);
   float* dgp = dGp.data_ptr<float>();
+  const int64_t I = W_ih.size(1);
+  at::Tensor dx = at::empty({with_dx ? T : 0, B, I}, opts);
+  float* dx_p = dx.data_ptr<float>();
+  const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), G, I, false);  // dx_t = dG_t W_ih
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   // per thread: the peepholes' gradients, and one step's rows of the bias' (then added to a float64 sum, so that a
   // long sequence's sum keeps its precision)
@@ -388,6 +391,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
         for (int64_t t = T - 1; t >= 0; --t) {
           step_rows(t, dh, ds, b0, b1);
           gemm_rows(dg_step(t), w_hh, dhn, b0, b1);
+          if (with_dx) gemm_rows(dg_step(t), w_ih, dx_p + t * B * I, b0, b1);
           // s_{t-1}'s gradient: this step's [i f o] pre-activations' through W_gr
           if constexpr (S::gate_rec) gemm_rows(dq_all + t * B * 3 * H, w_gr, dsn, b0, b1);
           after_rows(t, dh, dhn, ds, dsn, b0, b1);
@@ -400,6 +404,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       for (int64_t t = T - 1; t >= 0; --t) {
         at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, ds, b0, b1); });
         gemm_packed(dg_step(t), w_hh, dhn, B);
+        if (with_dx) gemm_packed(dg_step(t), w_ih, dx_p + t * B * I, B);
         if constexpr (S::gate_rec) gemm_packed(dq_all + t * B * 3 * H, w_gr, dsn, B);
         if (masked || zoned)
           at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { after_rows(t, dh, dhn, ds, dsn, b0, b1); });
@@ -414,10 +419,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   });
   at::Tensor dW = gemm_tn_of(XH.view({T * B, W}), kByPanels ? dgp : dg_all, G, kByPanels).t().contiguous();  // [W_ih W_hh]'s
   at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
-  if (!with_dG) dG = at::Tensor();
-  if (!fgr) return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
+  if (!with_dx) dx = at::Tensor();
+  if (!fgr) return {dx, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
   at::Tensor dWgr = gemm_tn(S.narrow(0, 0, T).reshape({T * B, 3 * H}), dQ.view({T * B, 3 * H})).t().contiguous();
-  return {dG, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
+  return {dx, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dWgr};
 }
 
 // Zoneout's draws for a (T, B, H) sequence: 1 where a unit keeps its previous h (probability ph) or c (pc), else
