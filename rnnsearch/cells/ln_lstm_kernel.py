@@ -9,7 +9,7 @@ does not export it). Everything between two GEMMs runs in one pass per batch row
 ``at::vec``; the gains' and bias' gradients accumulate per thread while each row is in cache, the input's gradient
 is one more GEMM of each backward step, and both weights' gradients are one GEMM each after the loop, over the
 products' gradients that the loop stored by panels. It replaces the inductor-compiled chunks for this cell on the
-CPU (docs/performance.md: 0.91–1.08 of ``torch.nn.LSTM`` on the project's AVX-512 VM, median 0.97; on the earlier
+CPU (docs/performance.md: 0.91–1.08 of ``torch.nn.LSTM`` on the project's AVX-512 VM, median 0.96; on the earlier
 AVX2 one 0.79–0.95, against inductor's 0.50–0.65; freed memory kept for all).
 
 It is used where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
