@@ -93,7 +93,8 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
 
 // C (M, N) = A (M, K) @ B, all row-major, A's rows lda apart (0: K, contiguous), C's ldc apart (0: N), B contiguous:
-// B (K, N), or with bt B (N, K) used transposed (a weight as stored, without a transposed copy). The per-step GEMMs are small (M = batch), and one BLAS call splits them
+// B (K, N), or with bt B (N, K) used transposed (a weight as stored, without a transposed copy). The per-step
+// GEMMs are small (M = batch), and one BLAS call splits them
 // badly over threads: here each thread computes its own block of C's columns with a single-threaded sgemm (BLAS
 // runs serially inside a parallel region), 9–19% faster per call on the project's earlier 2-core CPU at H = 128
 // and 256 (untransposed B; docs/performance.md).
@@ -375,7 +376,8 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
           } else {
             for (int64_t k = 0; k < kc; ++k) {  // each row of the panel from its own page: fetched 16 rows ahead
               if (k + 16 < kc)
-                for (int64_t o = 0; o < w; o += 16) _mm_prefetch(reinterpret_cast<const char*>(y + (k0 + k + 16) * N + n0 + o), _MM_HINT_T0);
+                for (int64_t o = 0; o < w; o += 16)
+                  _mm_prefetch(reinterpret_cast<const char*>(y + (k0 + k + 16) * N + n0 + o), _MM_HINT_T0);
               std::copy(y + (k0 + k) * N + n0, y + (k0 + k) * N + n0 + w, yp + k * kPanel);
             }
           }
@@ -399,7 +401,9 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
 }
 
 // X^T Y for a row-major Y (K, N).
-at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) { return gemm_tn_of(X, Y.data_ptr<float>(), Y.size(1), false); }
+at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
+  return gemm_tn_of(X, Y.data_ptr<float>(), Y.size(1), false);
+}
 
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "ln_lstm kernel: ", name,

@@ -7,8 +7,8 @@
 // GEMMs done in one pass per batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20,
 // tanh and sigmoid in exp form, as rnnsearch.compile's inductor options). The backward pass accumulates
 // the gains' and bias' gradients per thread while each row is in cache, makes the input's gradient with one more
-// GEMM each step, and computes both weights' gradients in one GEMM each after the loop. Built and loaded by rnnsearch.cells.ln_lstm_kernel; the
-// extension's one translation unit, it also binds the `lstm` kernel of lstm.h.
+// GEMM each step, and computes both weights' gradients in one GEMM each after the loop. Built and loaded by
+// rnnsearch.cells.ln_lstm_kernel; the extension's one translation unit, it also binds the `lstm` kernel of lstm.h.
 #include "common.h"
 #include "lstm.h"
 
@@ -142,9 +142,9 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
 }
 
 // Gradients of ln_lstm_forward: returns dx (B, T, I; undefined unless with_dx), dh0, dc0, dW_ih (undefined unless
-// with_dw_ih), dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of dr_numel(T, B, H) floats; every saved tensor
-// is left as it was (a second backward with retain_graph reads them again). x's gradient is one more GEMM of each
-// step's, dA_t W_ih over the rows the step just made.
+// with_dw_ih), dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of
+// dr_numel(T, B, H) floats; every saved tensor is left as it was (a second backward with retain_graph reads them
+// again). x's gradient is one more GEMM of each step's, dA_t W_ih over the rows the step just made.
 // Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
 // passes: the sums ride along with the pass that makes dy, the result with the pass that uses it; the
 // normalised values (ŷ of the input products and of the cell) are recomputed from the stats, not saved.
@@ -155,8 +155,8 @@ int64_t dr_numel(int64_t T, int64_t B, int64_t H) { return T * B * (kByPanels ? 
 
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                          const at::Tensor& x, const at::Tensor& W_ih, const at::Tensor& W_hh,
-                                         const at::Tensor& g_ih,
-                                         const at::Tensor& g_hh, const at::Tensor& g_c, const at::Tensor& b_c,
+                                         const at::Tensor& g_ih, const at::Tensor& g_hh, const at::Tensor& g_c,
+                                         const at::Tensor& b_c,
                                          const at::Tensor& A, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                          const at::Tensor& Rhat, const at::Tensor& Acts, const at::Tensor& Tc,
                                          const at::Tensor& Stats, const at::Tensor& valid, const at::Tensor& dR,

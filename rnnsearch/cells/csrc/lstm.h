@@ -211,10 +211,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
   return {out, hT, Cprev[T].clone(), fgr ? S[T].clone() : at::empty({0}, opts)};
 }
 
-// Gradients of lstm_forward: returns dx (T, B, I; time-major; undefined unless with_dx: the input's gradient, one more
-// GEMM of each step's, dG_t W_ih over the gates' pre-activation gradient the step just made), dh0, dc0, d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows
-// [x_t, h_{t-1}]), dbias, dw_ci, dw_cf, dw_co (each peephole's gradient is zeros where forward had no such weight),
-// ds0, dW_gr (FGR; else empty). For FGR, dQ (T, B, 3H) is a work buffer; the saved tensors are left as they were.
+// Gradients of lstm_forward: returns dx (T, B, I; time-major; undefined unless with_dx: the input's gradient, one
+// more GEMM of each step's, dG_t W_ih over the gates' pre-activation gradient the step just made), dh0, dc0,
+// d[W_ih W_hh] (nH, I + H: one GEMM after the loop, dG^T over XH's rows [x_t, h_{t-1}]), dbias, dw_ci, dw_cf,
+// dw_co (each peephole's gradient is zeros where forward had no such weight), ds0, dW_gr (FGR; else empty). For
+// FGR, dQ (T, B, 3H) is a work buffer; the saved tensors are left as they were.
 // Zoneout: Zh, Zc and Cnew as in lstm_forward (else empty); the part of h's gradient a unit keeps goes straight to
 // the previous step (Carry, (B, H)). Where the cell clip held the new cell at ±cell_clip its gradient stops
 // (torch.clamp's, except at exactly ±cell_clip unclipped).
@@ -417,7 +418,8 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
       std::swap(dS, dSn);
     }
   });
-  at::Tensor dW = gemm_tn_of(XH.view({T * B, W}), kByPanels ? dgp : dg_all, G, kByPanels).t().contiguous();  // [W_ih W_hh]'s
+  // [W_ih W_hh]'s gradient, from the panels (or the whole dG, row-major)
+  at::Tensor dW = gemm_tn_of(XH.view({T * B, W}), kByPanels ? dgp : dg_all, G, kByPanels).t().contiguous();
   at::Tensor dpeep = part.narrow(1, 0, 3 * H).sum(0).view({3, H}), dbias = bias_sum.sum(0).to(at::kFloat);
   if (!with_dx) dx = at::Tensor();
   if (!fgr) return {dx, dH, dC, dW, dbias, dpeep[0], dpeep[1], dpeep[2], dS, dS};
