@@ -219,12 +219,11 @@ class LNLSTMSequence(torch.autograd.Function):
         (B, T, _), G = x.shape, W_hh.shape[0]
         ext = load()
         (dR,) = WORKSPACE.take([(ext.dr_numel(T, B, G // 4),)], x, fresh_drops_others=False)  # back right after
-        # x's gradient (only where it needs one) and W_ih's are the kernel's too
+        # x's gradient and W_ih's are the kernel's too, each None where not needed
         dx, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid,
                                                    dR, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         WORKSPACE.give([dR])
-        return (dx if ctx.needs_input_grad[0] else None, dW_ih if ctx.needs_input_grad[1] else None, dh0, dc0, *grads,
-                None, None, None)
+        return (dx, dW_ih, dh0, dc0, *grads, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:

@@ -5,8 +5,9 @@ One job. ``csrc/lstm.h`` is a hand-written forward and backward pass of a whole
 ``ln_lstm``'s kernel with the input inside: one GEMM per step, ``[x_t, h_{t-1}] [W_ih W_hh]^T`` (on an
 AVX-512 build through the kernels' own micro-kernel, each thread taking its own batch rows through the whole
 sequence; else BLAS, split by columns over the threads), everything between two GEMMs one vectorised pass per
-batch row (the bias added there), the bias' and peepholes' gradients accumulated per thread, both weights'
-gradients one GEMM after the loop over the saved rows ``[x_t, h_{t-1}]``, and the input's one more. It is part of the same extension (one
+batch row (the bias added there), the bias' and peepholes' gradients accumulated per thread, the input's gradient
+one more GEMM of each backward step, both weights' gradients one GEMM after the loop over the saved rows
+``[x_t, h_{t-1}]``. It is part of the same extension (one
 build per machine, built and loaded by :mod:`rnnsearch.cells.ln_lstm_kernel`), and replaces inductor's
 compiled chunks for the cell on the CPU.
 

@@ -258,12 +258,7 @@ void gemm_rows(const float* a, const PackedB& p, float* c, int64_t m0, int64_t m
 #if defined(CPU_CAPABILITY_AVX512)
   for (int64_t q = 0; q < p.buf.size(0); ++q) panel_rows(a, lda, p, c, ldc, q, m0, m1);
 #else
-  auto opts = at::TensorOptions().dtype(at::kFloat);
-  const int64_t K = p.K, N = p.N;
-  at::Tensor C = at::from_blob(c + m0 * ldc, {m1 - m0, N}, {ldc, 1}, opts);
-  at::Tensor Bm = p.bt ? at::from_blob(const_cast<float*>(p.src), {N, K}, opts).t()
-                       : at::from_blob(const_cast<float*>(p.src), {K, N}, opts);
-  at::mm_out(C, at::from_blob(const_cast<float*>(a + m0 * lda), {m1 - m0, K}, {lda, 1}, opts), Bm);
+  gemm_cols(a + m0 * lda, p.src, c + m0 * ldc, m1 - m0, p.K, p.N, p.bt, lda, ldc);  // serial inside a parallel region
 #endif
 }
 

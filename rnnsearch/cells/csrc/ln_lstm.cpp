@@ -190,7 +190,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   auto da_row = [&](int64_t t, int64_t b) { return kByPanels ? das + b * G : da + (b * T + t) * G; };
   const int64_t da_lda = kByPanels ? G : T * G;
   const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), G, H, false);
-  const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), G, I, false);  // dx_t = dA_t W_ih
+  const PackedB w_ih = with_dx ? pack_b(W_ih.data_ptr<float>(), G, I, false) : PackedB{};  // dx_t = dA_t W_ih
   // step t's rows [b0, b1) of x's gradient, on the calling thread (rows of dx T * I apart)
   auto dx_rows = [&](int64_t t, int64_t b0, int64_t b1) {
     if (with_dx) gemm_rows(da_row(t, 0), w_ih, dx_p + t * I, b0, b1, da_lda, T * I);

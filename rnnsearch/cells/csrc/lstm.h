@@ -251,7 +251,7 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   const int64_t I = W_ih.size(1);
   at::Tensor dx = at::empty({with_dx ? T : 0, B, I}, opts);
   float* dx_p = dx.data_ptr<float>();
-  const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), G, I, false);  // dx_t = dG_t W_ih
+  const PackedB w_ih = with_dx ? pack_b(W_ih.data_ptr<float>(), G, I, false) : PackedB{};  // dx_t = dG_t W_ih
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   // per thread: the peepholes' gradients, and one step's rows of the bias' (then added to a float64 sum, so that a
   // long sequence's sum keeps its precision)
