@@ -207,6 +207,12 @@ inline void tile_rows(int64_t rows, const float* a, int64_t rs, int64_t ks, cons
   }
 }
 
+// n rows (or columns) as tiles of at most 6: as few as 6-row tiles need, their rows as even as they go (32 rows:
+// 5, 5, 6, 5, 5, 6, not five of 6 and one of 2, which pays the panel's loads for a third of the FMAs). Tile i of
+// `tiles` starts at tile_start(n, tiles, i).
+inline int64_t tile_count(int64_t n) { return (n + 5) / 6; }
+inline int64_t tile_start(int64_t n, int64_t tiles, int64_t i) { return n * i / tiles; }
+
 // The four 16-lane store masks of a panel whose first `width` columns are C's (the rest padding).
 inline void panel_masks(int64_t width, __mmask16* mask) {
   for (int j = 0; j < 4; ++j) {
@@ -222,8 +228,10 @@ inline void panel_rows(const float* a, int64_t lda, const PackedB& p, float* c, 
   const float* panel = p.buf.data_ptr<float>() + q * K * kPanel;
   __mmask16 mask[4];
   panel_masks(N - n0, mask);
-  for (int64_t m = m0; m < m1; m += 6)
-    tile_rows(std::min<int64_t>(6, m1 - m), a + m * lda, lda, 1, panel, K, c + m * ldc + n0, ldc, mask, false);
+  for (int64_t i = 0, tiles = tile_count(m1 - m0); i < tiles; ++i) {
+    const int64_t m = m0 + tile_start(m1 - m0, tiles, i), rows = m0 + tile_start(m1 - m0, tiles, i + 1) - m;
+    tile_rows(rows, a + m * lda, lda, 1, panel, K, c + m * ldc + n0, ldc, mask, false);
+  }
 }
 #endif
 
@@ -336,7 +344,7 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
   if (K == 0 || M == 0 || N == 0) return C.zero_();
   const float* x = X.data_ptr<float>();
   float* c = C.data_ptr<float>();
-  const int64_t panels_n = panel_count(N), tiles = (M + 5) / 6, parts = at::get_num_threads();
+  const int64_t panels_n = panel_count(N), tiles = tile_count(M), parts = at::get_num_threads();
   const int64_t slices = panels_n % parts == 0 ? 1 : parts, items = panels_n * slices;
   // per thread: its packed blocks of X (tiles, kTnBlock, 6) and, for a row-major Y, of one panel of Y (kTnBlock,
   // kPanel). A part-filled tile's padding is never read (the tile's own width), a part-filled panel's is never
@@ -356,7 +364,7 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
       for (int64_t k0 = 0; k0 < K; k0 += kTnBlock) {
         const int64_t kc = std::min(kTnBlock, K - k0);
         for (int64_t ti = tile0; ti < tile1; ++ti) {
-          const int64_t m0 = ti * 6, w = std::min<int64_t>(6, M - m0);
+          const int64_t m0 = tile_start(M, tiles, ti), w = tile_start(M, tiles, ti + 1) - m0;
           const __mmask16 cols = static_cast<__mmask16>((1u << w) - 1);
           float* d = xp + ti * kTnBlock * 6;
           const float* src = x + k0 * M + m0;
@@ -379,10 +387,10 @@ at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panel
           __mmask16 mask[4];
           panel_masks(w, mask);
           for (int64_t ti = tiles * s / slices; ti < tiles * (s + 1) / slices; ++ti) {
-            const int64_t m = ti * 6;
+            const int64_t m = tile_start(M, tiles, ti);
             const float* xt = xp + ti * kTnBlock * 6;
             float* ct = c + m * N + n0;
-            tile_rows(std::min<int64_t>(6, M - m), xt, 1, 6, block, kc, ct, N, mask, k0 > 0);
+            tile_rows(tile_start(M, tiles, ti + 1) - m, xt, 1, 6, block, kc, ct, N, mask, k0 > 0);
           }
         }
       }
