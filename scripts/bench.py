@@ -44,6 +44,7 @@ before the step.
     python scripts/bench.py --quick --cells peephole,proj,ln_lstm   # the other registry LSTMs
     python scripts/bench.py --quick --cells nig,nfg,nog,niaf,noaf,np,cifg,fgr --paths acdh   # Greff's variants
     python scripts/bench.py --quick --cells zoneout,vdropout,sdropout --paths acdh   # wrapped lstm
+    python scripts/bench.py --quick --cells ln_zoneout,ln_sdropout --paths acdh      # wrapped ln_lstm
     python scripts/bench.py --device cuda --amp bf16 --quick
     python scripts/bench.py --memory             # peak memory, T=100 and T=1000, hidden 128/256
     python scripts/bench.py --memory --quick --cells ln_lstm --paths adh   # the ln_lstm kernel's memory
@@ -120,7 +121,8 @@ def kernel_gemm_gflops() -> Optional[float]:
 #: compared with. ``peephole``, ``proj`` and ``ln_lstm`` are the issue's "any registry cell": peephole LSTM,
 #: projected LSTM (num_proj = hidden / 2, against torch.nn.LSTM's proj_size) and the layer-norm LSTM; ``nig`` …
 #: ``fgr``: Greff et al.'s LSTM variants, with peepholes as in the paper (``np``: none), against torch.nn.LSTM;
-#: ``zoneout``, ``vdropout``, ``sdropout``: the plain lstm under a wrapper (:data:`WRAPPED`).
+#: ``zoneout``, ``vdropout``, ``sdropout``: the plain lstm under a wrapper (:data:`WRAPPED`); ``ln_zoneout``,
+#: ``ln_sdropout``: ``ln_lstm`` under the same.
 CELLS: dict[str, dict[str, Any]] = {
     "lstm": {"name": "lstm", "forget_bias": 0.0},  # forget_bias 0: torch.nn's LSTM has none
     "gru": {"name": "gru"},
@@ -132,6 +134,8 @@ CELLS: dict[str, dict[str, Any]] = {
     "zoneout": {"name": "lstm", "forget_bias": 0.0},
     "vdropout": {"name": "lstm", "forget_bias": 0.0},
     "sdropout": {"name": "lstm", "forget_bias": 0.0},
+    "ln_zoneout": {"name": "ln_lstm", "forget_bias": 0.0},
+    "ln_sdropout": {"name": "ln_lstm", "forget_bias": 0.0},
 }
 #: Wrapped cells (``model.wrappers``), against the bare torch.nn.LSTM: zoneout (Krueger et al.'s 0.05 / 0.5),
 #: variational input and output dropout, and variational state (recurrent) and output dropout.
@@ -140,6 +144,7 @@ WRAPPED: dict[str, list[dict[str, Any]]] = {
     "vdropout": [{"name": "dropout", "input_keep_prob": 0.9, "output_keep_prob": 0.9, "variational_recurrent": True}],
     "sdropout": [{"name": "dropout", "state_keep_prob": 0.9, "output_keep_prob": 0.9, "variational_recurrent": True}],
 }
+WRAPPED["ln_zoneout"], WRAPPED["ln_sdropout"] = WRAPPED["zoneout"], WRAPPED["sdropout"]
 
 
 def proj_width(kind: str, hidden: int) -> Optional[int]:

@@ -3,10 +3,10 @@
 ``residual``, ``device`` and ``dropout`` without state dropout act on a sequence's inputs and outputs only:
 a whole training sequence then runs through the wrapped ``lstm``'s (or ``ln_lstm``'s) kernel, the wrapper
 applied before and after. The result is the step loop's (the same masks, where masks are drawn per
-sequence; the same distribution where they are drawn per step). Zoneout around a bare ``lstm`` runs its kernel,
-which zones the state itself (checked against the wrapper's arithmetic in float64 with the kernel's draws).
-Zoneout elsewhere, state dropout, a wrapper subclass that changes a step, and a cell without a kernel keep the
-step loop.
+sequence; the same distribution where they are drawn per step). Zoneout and state dropout around a bare ``lstm``
+or ``ln_lstm`` run its kernel, which zones or drops the state itself (checked against the wrapper's arithmetic in
+float64 with the kernel's draws). Zoneout or state dropout elsewhere, a wrapper subclass that changes a step, and a
+cell without a kernel keep the step loop.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from conftest import TINY, assert_close, compose_config
 from rnnsearch import build_model, create_wrapper, train
 from rnnsearch import compile as compiling
 from rnnsearch.callbacks import Callback
-from rnnsearch.cells import create_cell, lstm_kernel
+from rnnsearch.cells import create_cell, ln_lstm_kernel
 from rnnsearch.cells.base import RNNCell
 from rnnsearch.cells.wrappers import DropoutWrapper
 from rnnsearch.compile import ChunkRunner
@@ -131,10 +131,10 @@ class DoubledDropout(DropoutWrapper):
         return 2 * out, new_state
 
 
-@pytest.mark.parametrize("case", ["zoneout-ln_lstm", "state-dropout-ln_lstm", "subclass", "gru"])
+@pytest.mark.parametrize("case", ["zoneout-around-residual", "state-dropout-around-residual", "subclass", "gru"])
 def test_wrappers_that_act_inside_the_recurrence_keep_the_step_loop(case):
-    wrappers = {"zoneout-ln_lstm": [{"name": "zoneout"}],
-                "state-dropout-ln_lstm": [{"name": "dropout", "state_keep_prob": 0.8}],
+    wrappers = {"zoneout-around-residual": [{"name": "residual"}, {"name": "zoneout"}],
+                "state-dropout-around-residual": [{"name": "residual"}, {"name": "dropout", "state_keep_prob": 0.8}],
                 "subclass": [], "gru": [{"name": "dropout", "output_keep_prob": 0.8}]}[case]
     cell = _wrapped(wrappers, {"gru": "gru", "subclass": "lstm"}.get(case, "ln_lstm"))
     if case == "subclass":
@@ -225,23 +225,25 @@ def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Ten
     return _float64_reference(cell, x, lengths, zone)
 
 
-@pytest.mark.parametrize("options,lengths", [({}, None), ({"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
-                                             ({"variant": "CIFG", "use_peepholes": True}, LENGTHS),
-                                             ({"input_size": 7}, LENGTHS)],
-                         ids=["plain", "peepholes-clip-lengths", "CIFG", "input-7-lengths"])
-def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(options, lengths, monkeypatch):
+@pytest.mark.parametrize("name,options,lengths", [
+    ("lstm", {}, None), ("lstm", {"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
+    ("lstm", {"variant": "CIFG", "use_peepholes": True}, LENGTHS), ("lstm", {"input_size": 7}, LENGTHS),
+    ("ln_lstm", {}, None), ("ln_lstm", {"forget_bias": 0.3, "eps": 1e-3}, LENGTHS), ("ln_lstm", {"input_size": 7}, LENGTHS),
+], ids=["plain", "peepholes-clip-lengths", "CIFG", "input-7-lengths", "ln_lstm", "ln_lstm-options-lengths",
+        "ln_lstm-input-7-lengths"])
+def test_zoneout_around_a_cell_runs_its_kernel_with_the_wrappers_arithmetic(name, options, lengths, monkeypatch):
     """Training: the kernel's own draws (recorded) give what the wrapper's step computes with them, in float64."""
     torch.manual_seed(0)
     options = dict(options)
-    inputs = options.pop("input_size", H)  # the kernel's rows are [x_t, h_{t-1}]: a width other than H too
-    cell = create_wrapper("zoneout", create_cell("lstm", input_size=inputs, hidden_size=H, **options), h_prob=0.3,
+    inputs = options.pop("input_size", H)  # lstm's kernel rows are [x_t, h_{t-1}]: a width other than H too
+    cell = create_wrapper("zoneout", create_cell(name, input_size=inputs, hidden_size=H, **options), h_prob=0.3,
                           c_prob=0.6)
     with torch.no_grad():
         cell.cell.weight_ih.mul_(4.0)  # large enough for the clip to bite
     reference = copy.deepcopy(cell.cell).double()
     cell.sequence_runner = ChunkRunner(4)
-    draws, draw = [], lstm_kernel.zoneout_draws
-    monkeypatch.setattr(lstm_kernel, "zoneout_draws", lambda *a: draws.append(draw(*a)) or draws[-1])
+    draws, draw = [], ln_lstm_kernel.zoneout_draws
+    monkeypatch.setattr(ln_lstm_kernel, "zoneout_draws", lambda *a: draws.append(draw(*a)) or draws[-1])
     x = torch.randn(B, T, inputs, generator=torch.Generator().manual_seed(2))
     fused = _run(cell, x, lengths)
     assert cell.sequence_runner.kernel_calls == 1 and cell.sequence_runner.compiled_calls == 0
@@ -257,9 +259,10 @@ def test_zoneout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(option
     assert kept.any() and torch.equal(out[:, 1:][kept], out[:, :-1][kept])
 
 
-def test_zoneout_at_eval_with_grad_matches_the_step_loop():
+@pytest.mark.parametrize("name,options", [("lstm", {"use_peepholes": True}), ("ln_lstm", {})], ids=["lstm", "ln_lstm"])
+def test_zoneout_at_eval_with_grad_matches_the_step_loop(name, options):
     """Eval: the expectation (no draws), the same on both routes."""
-    cell = _wrapped([{"name": "zoneout", "h_prob": 0.2, "c_prob": 0.7}], use_peepholes=True).eval()
+    cell = _wrapped([{"name": "zoneout", "h_prob": 0.2, "c_prob": 0.7}], name, **options).eval()
     twin = copy.deepcopy(cell)
     twin.sequence_runner = ChunkRunner(4)
     x = torch.randn(B, T, H)
@@ -270,8 +273,10 @@ def test_zoneout_at_eval_with_grad_matches_the_step_loop():
 @pytest.mark.parametrize("wrappers,cell,kernel", [
     ([{"name": "zoneout"}, {"name": "dropout", "output_keep_prob": 0.8}], "lstm", True),  # dropout outside zoneout
     ([{"name": "dropout", "output_keep_prob": 0.8}, {"name": "zoneout"}], "lstm", False),  # zoneout outside dropout
-    ([{"name": "zoneout"}], "ln_lstm", False),
-], ids=["dropout-around-zoneout", "zoneout-around-dropout", "ln_lstm"])
+    ([{"name": "zoneout"}], "ln_lstm", True),
+    ([{"name": "dropout", "output_keep_prob": 0.8}, {"name": "zoneout"}], "ln_lstm", False),
+    ([{"name": "zoneout"}], "gru", False),
+], ids=["dropout-around-zoneout", "zoneout-around-dropout", "ln_lstm", "ln_lstm-zoneout-around-dropout", "gru"])
 def test_which_zoneout_stacks_run_the_kernel(wrappers, cell, kernel):
     wrapped = _wrapped(wrappers, cell)
     assert wrapped.kernel_applies("cpu", torch.float32, None, T) is kernel
@@ -295,11 +300,11 @@ def test_zoneouts_draws_are_reproducible_independent_and_at_their_rate():
     """torch.manual_seed reproduces them; h's and c's, steps and units are independent; each at its probability."""
     shape = (50, 64, 37)
     torch.manual_seed(5)
-    zh, zc = lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
+    zh, zc = ln_lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
     torch.manual_seed(5)
-    again = lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
+    again = ln_lstm_kernel.zoneout_draws(shape, 0.05, 0.5)
     assert torch.equal(zh, again[0]) and torch.equal(zc, again[1])
-    assert not torch.equal(lstm_kernel.zoneout_draws(shape, 0.05, 0.5)[1], zc), "a new seed, new draws"
+    assert not torch.equal(ln_lstm_kernel.zoneout_draws(shape, 0.05, 0.5)[1], zc), "a new seed, new draws"
     n = zh.numel()  # 118,400: the rates within 5 standard deviations
     assert abs(zh.mean().item() - 0.05) < 5 * (0.05 * 0.95 / n) ** 0.5
     assert abs(zc.mean().item() - 0.5) < 5 * (0.25 / n) ** 0.5
@@ -308,15 +313,17 @@ def test_zoneouts_draws_are_reproducible_independent_and_at_their_rate():
     assert abs(both - 0.025) < 5 * (0.025 * 0.975 / n) ** 0.5
     lag = (zc[1:] * zc[:-1]).mean().item()  # step t and t+1 independent: 0.25
     assert abs(lag - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5
-    assert lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[0].sum() == 0 and lstm_kernel.zoneout_draws(shape, 0.0, 1.0)[1].all()
+    never, always = ln_lstm_kernel.zoneout_draws(shape, 0.0, 1.0)
+    assert never.sum() == 0 and always.all()
 
 
-@pytest.mark.parametrize("options", [{"use_peepholes": True}, {"variant": "FGR"}], ids=["peepholes", "FGR"])
-def test_variational_state_dropout_around_lstm_runs_the_kernel_and_matches_the_step_loop(options):
+@pytest.mark.parametrize("name,options", [("lstm", {"use_peepholes": True}), ("lstm", {"variant": "FGR"}),
+                                          ("ln_lstm", {})], ids=["peepholes", "FGR", "ln_lstm"])
+def test_variational_state_dropout_around_a_cell_runs_its_kernel_and_matches_the_step_loop(name, options):
     """The state's mask is drawn in start_sequence by both routes: the same results to float32 rounding."""
     wrappers = [{"name": "dropout", "state_keep_prob": 0.6, "output_keep_prob": 0.8, "input_keep_prob": 0.9,
                  "variational_recurrent": True}]
-    loop, fused, runner = _both(wrappers, LENGTHS, **options)
+    loop, fused, runner = _both(wrappers, LENGTHS, name, **options)
     assert runner.kernel_calls == 1 and runner.compiled_calls == 0
     _assert_same(loop, fused)
     assert (fused[1] == 0).any(), "the final state is the dropped h"
@@ -327,11 +334,12 @@ def _state_dropped_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[t
     return _float64_reference(cell, x, lengths, lambda t, h, c, out, h_new, c_new: (h_new * mult[t].double(), c_new, out))
 
 
-def test_per_step_state_dropout_around_lstm_runs_the_kernel_with_the_wrappers_arithmetic(monkeypatch):
+@pytest.mark.parametrize("name,options", [("lstm", {"use_peepholes": True}), ("ln_lstm", {"forget_bias": 0.3})],
+                         ids=["lstm", "ln_lstm"])
+def test_per_step_state_dropout_around_a_cell_runs_its_kernel_with_the_wrappers_arithmetic(name, options, monkeypatch):
     """Training with a fresh state mask each step: the kernel's own multipliers (recorded) in a float64 step loop."""
     torch.manual_seed(0)
-    cell = create_wrapper("dropout", create_cell("lstm", input_size=H, hidden_size=H, use_peepholes=True),
-                          state_keep_prob=0.7)
+    cell = create_wrapper("dropout", create_cell(name, input_size=H, hidden_size=H, **options), state_keep_prob=0.7)
     reference = copy.deepcopy(cell.cell).double()
     cell.sequence_runner = ChunkRunner(4)
     seen, multipliers = [], DropoutWrapper._state_multipliers

@@ -9,8 +9,10 @@ does not export it). Everything between two GEMMs runs in one pass per batch row
 ``at::vec``; the gains' and bias' gradients accumulate per thread while each row is in cache, the input's gradient
 is one more GEMM of each backward step, and both weights' gradients are one GEMM each after the loop, over the
 products' gradients that the loop stored by panels. It replaces the inductor-compiled chunks for this cell on the
-CPU (docs/performance.md: 0.91–1.08 of ``torch.nn.LSTM`` on the project's AVX-512 VM, median 0.96; on the earlier
-AVX2 one 0.79–0.95, against inductor's 0.50–0.65; freed memory kept for all).
+CPU (docs/performance.md: 0.96–1.10 of ``torch.nn.LSTM`` on the project's AVX-512 VM, median 0.99; on the earlier
+AVX2 one 0.79–0.95, against inductor's 0.50–0.65; freed memory kept for all), bare, under a wrapper that acts
+outside the recurrence, or under ``zoneout`` or state dropout, which it applies itself (``Zh``, ``Zc``, ``Mh``:
+:func:`forward_sequence`).
 
 It is used where the compiled path is (``model.compile`` true, or ``auto`` when it pays), for a
 grad-enabled float32 CPU sequence without autocast of a cell whose arithmetic is the registry's own
@@ -188,10 +190,12 @@ class Workspace:
 WORKSPACE = Workspace()
 
 
-def _saved_shapes(batch: int, steps: int, hidden: int) -> list[tuple[int, ...]]:
+def _saved_shapes(batch: int, steps: int, hidden: int, zoned: bool = False) -> list[tuple[int, ...]]:
     T, B, H = steps, batch, hidden
-    # the input's products; h_{t-1}; c_{t-1} and c_T; r̂; the gates; tanh of the normalised cell; stats
-    return [(T, B, 4 * H), (T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS)]
+    # the input's products; h_{t-1}; c_{t-1} and c_T; r̂; the gates; tanh of the normalised cell; stats; zoneout:
+    # the cell before zoning (else none)
+    return [(T, B, 4 * H), (T, B, H), (T + 1, B, H), (T, B, 4 * H), (T, B, 4 * H), (T, B, H), (T, B, STATS),
+            (T, B, H) if zoned else (0,)]
 
 
 class LNLSTMSequence(torch.autograd.Function):
@@ -199,31 +203,33 @@ class LNLSTMSequence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, W_ih: Tensor, h0: Tensor, c0: Tensor, W_hh: Tensor, g_ih: Tensor,
-                g_hh: Tensor, bias: Tensor, g_c: Tensor, b_c: Tensor, valid: Tensor, forget_bias: float, eps: float
-                ) -> tuple[Tensor, Tensor, Tensor]:
+                g_hh: Tensor, bias: Tensor, g_c: Tensor, b_c: Tensor, valid: Tensor, Zh: Tensor, Zc: Tensor,
+                Mh: Tensor, forget_bias: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         ext = load()
         x = x.contiguous()
         (B, T, _), G = x.shape, W_hh.shape[0]
-        bufs = WORKSPACE.take(_saved_shapes(B, T, G // 4), x)  # the input's products A (T, B, 4H) first
+        shapes = _saved_shapes(B, T, G // 4, Zh.numel() > 0)
+        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], x)  # the input's products A (T, B, 4H) first
+        saved = [bufs.pop(0) if s != (0,) else x.new_empty(0) for s in shapes]  # ..., Stats, Cnew
         W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c))
         out, hT, cT = ext.forward(x, W_ih, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
-                                  float(forget_bias), float(eps), *bufs)
-        ctx.save_for_backward(x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs)
-        WORKSPACE.give_when_freed(ctx, bufs)
+                                  float(forget_bias), float(eps), Zh, Zc, Mh, *saved)
+        ctx.save_for_backward(x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, Zh, Zc, Mh, *saved)
+        WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
         return out, hT, cT
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, dout: Tensor, dhT: Tensor, dcT: Tensor) -> tuple[Optional[Tensor], ...]:
-        x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, *bufs = ctx.saved_tensors
+        x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, Zh, Zc, Mh, *saved = ctx.saved_tensors
         (B, T, _), G = x.shape, W_hh.shape[0]
         ext = load()
         (dR,) = WORKSPACE.take([(ext.dr_numel(T, B, G // 4),)], x, fresh_drops_others=False)  # back right after
         # x's gradient and W_ih's are the kernel's too, each None where not needed
-        dx, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, *bufs, valid,
-                                                   dR, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        dx, dh0, dc0, dW_ih, *grads = ext.backward(dout, dhT, dcT, x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, Zh, Zc, Mh,
+                                                   *saved, valid, dR, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         WORKSPACE.give([dR])
-        return (dx, dW_ih, dh0, dc0, *grads, None, None, None)
+        return (dx, dW_ih, dh0, dc0, *grads, None, None, None, None, None, None)
 
 
 def _unchanged(cell: Any) -> bool:
@@ -266,14 +272,47 @@ def sequence_inputs(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], l
     return state, valid
 
 
-def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]],
-                     lengths: Optional[Tensor]) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path)."""
+def zoneout_draws(shape: tuple[int, int, int], h_prob: float, c_prob: float) -> tuple[Tensor, Tensor]:
+    """Zoneout's 0/1 draws (1: keep the previous value) for ``(T, B, H)``, from a seed drawn from torch's generator.
+
+    ``torch.manual_seed`` reproduces them; the extension makes them (splitmix64, the same on any number of threads)
+    because ``torch.rand`` for two ``(T, B, H)`` masks took a fifth of a training step at hidden 256.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    zh, zc = load().zoneout_draws(seed, *shape, float(h_prob), float(c_prob))
+    return zh, zc
+
+
+def zoneout_masks(shape: tuple[int, int, int], zoneout: Optional[tuple[float, float, bool]],
+                  empty: Tensor) -> tuple[Tensor, Tensor]:
+    """Both kernels' ``Zh, Zc`` for ``zoneout = (h_prob, c_prob, training)``: the draws in training, the
+    probabilities in eval, ``empty`` twice without zoneout."""
+    if zoneout is None:
+        return empty, empty
+    h_prob, c_prob, training = zoneout
+    if training:
+        return zoneout_draws(shape, h_prob, c_prob)
+    zh, zc = (torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
+    return zh, zc
+
+
+def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
+                     zoneout: Optional[tuple[float, float, bool]] = None, state_dropout: Optional[Tensor] = None
+                     ) -> Optional[tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """``cell.forward_sequence`` through the kernel, or None where it does not apply (the caller runs the generic path).
+
+    ``zoneout`` and ``state_dropout`` as in :func:`rnnsearch.cells.lstm_kernel.forward_sequence`: a
+    :class:`~rnnsearch.cells.wrappers.ZoneoutWrapper`'s ``(h_prob, c_prob, training)``, or a
+    :class:`~rnnsearch.cells.wrappers.DropoutWrapper`'s ``(T, B, H)`` multipliers of the ``h`` passed on (not both).
+    """
     inputs = sequence_inputs(cell, x, state, lengths, applies)
-    if inputs is None:
+    if inputs is None or (zoneout is not None and state_dropout is not None):
         return None
     (h0, c0), valid = inputs
+    none = x.new_empty(0)
+    zh, zc = zoneout_masks((x.shape[1], x.shape[0], cell.hidden_size), zoneout, none)
+    mh = none if state_dropout is None else state_dropout.contiguous()
     out, hT, cT = LNLSTMSequence.apply(x, cell.weight_ih, h0, c0, cell.weight_hh, cell.ln_ih_weight,
                                        cell.ln_hh_weight, cell.bias, cell.ln_c_weight, cell.ln_c_bias, valid,
-                                       cell.forget_bias, cell.eps)
+                                       zh, zc, mh, cell.forget_bias, cell.eps)
     return out, (hT, cT)

@@ -117,17 +117,6 @@ def applies(cell: Any, device_type: str, dtype: torch.dtype, amp: Optional[torch
             and dtype == torch.float32 and amp is None and ln_lstm_kernel._failed is None)
 
 
-def zoneout_draws(shape: tuple[int, int, int], h_prob: float, c_prob: float) -> tuple[Tensor, Tensor]:
-    """Zoneout's 0/1 draws (1: keep the previous value) for ``(T, B, H)``, from a seed drawn from torch's generator.
-
-    ``torch.manual_seed`` reproduces them; the extension makes them (splitmix64, the same on any number of threads)
-    because ``torch.rand`` for two ``(T, B, H)`` masks took a fifth of a training step at hidden 256.
-    """
-    seed = int(torch.randint(0, 2**62, (1,)).item())
-    zh, zc = ln_lstm_kernel.load().zoneout_draws(seed, *shape, float(h_prob), float(c_prob))
-    return zh, zc
-
-
 def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], lengths: Optional[Tensor],
                      zoneout: Optional[tuple[float, float, bool]] = None, state_dropout: Optional[Tensor] = None
                      ) -> Optional[tuple[Tensor, tuple[Tensor, ...]]]:
@@ -135,23 +124,17 @@ def forward_sequence(cell: Any, x: Tensor, state: Optional[tuple[Tensor, ...]], 
 
     ``zoneout``: ``(h_prob, c_prob, training)`` of a :class:`~rnnsearch.cells.wrappers.ZoneoutWrapper` around the
     cell (not FGR), whose sequence this then is: each unit's draw keeps its previous state in training (one
-    draw per unit and step, as the wrapper's step loop draws them: :func:`zoneout_draws`), the probability mixes
-    it in eval. ``state_dropout``: ``(T, B, H)`` multipliers (0 or 1 / keep) of the ``h`` passed on as state, from a
-    :class:`~rnnsearch.cells.wrappers.DropoutWrapper`'s ``state_keep_prob`` (the output is the ``h`` before them).
+    draw per unit and step, as the wrapper's step loop draws them: :func:`.ln_lstm_kernel.zoneout_draws`), the
+    probability mixes it in eval. ``state_dropout``: ``(T, B, H)`` multipliers (0 or 1 / keep) of the ``h`` passed
+    on as state, from a :class:`~rnnsearch.cells.wrappers.DropoutWrapper`'s ``state_keep_prob`` (the output is the
+    ``h`` before them).
     """
     inputs = ln_lstm_kernel.sequence_inputs(cell, x, state, lengths, applies)
     if inputs is None or (zoneout is not None and (cell.variant == "FGR" or state_dropout is not None)):
         return None
     state, valid = inputs
     none = x.new_empty(0)
-    zh = zc = none
-    if zoneout is not None:
-        shape = (x.shape[1], x.shape[0], cell.hidden_size)  # (T, B, H)
-        h_prob, c_prob, training = zoneout
-        if training:
-            zh, zc = zoneout_draws(shape, h_prob, c_prob)
-        else:
-            zh, zc = (torch.full(shape, float(p), dtype=torch.float32) for p in (h_prob, c_prob))
+    zh, zc = ln_lstm_kernel.zoneout_masks((x.shape[1], x.shape[0], cell.hidden_size), zoneout, none)
     peep = [getattr(cell, f"weight_c{g}", none) if cell.use_peepholes else none for g in "ifo"]
     fgr = cell.variant == "FGR"
     mh = none if state_dropout is None else state_dropout.contiguous()

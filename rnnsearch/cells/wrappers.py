@@ -10,8 +10,8 @@ Krueger et al. 2016 for zoneout. Each is identity-free of randomness at eval.
 A wrapper that acts on a sequence's inputs and outputs only (``dropout`` without state dropout,
 ``residual``, ``device``) also runs a whole training sequence through the wrapped cell's fused kernel
 (``kernel_sequence``) where that cell has one, applying itself before and after. ``zoneout`` and state dropout
-act inside the recurrence: around a bare ``lstm`` its kernel zones, or drops, the state itself; around anything
-else the step loop runs. A subclass that redefines a step method (``project_input``, ``recur``,
+act inside the recurrence: around a bare ``lstm`` or ``ln_lstm`` its kernel zones, or drops, the state itself;
+around anything else the step loop runs. A subclass that redefines a step method (``project_input``, ``recur``,
 ``start_sequence``) runs the step loop too.
 """
 
@@ -26,8 +26,9 @@ from torch import Tensor
 from rnnsearch.errors import ConfigError, check_bool, check_keep_prob
 from rnnsearch.registry import Registry, check_options
 
-from . import lstm_kernel
+from . import ln_lstm_kernel, lstm_kernel
 from .base import RNNCell, State, _owner, step_masks
+from .ln_lstm import LayerNormLSTMCell
 
 WRAPPERS: Registry[type["CellWrapper"]] = Registry(
     "wrapper", entry_point_group="rnnsearch.wrappers",
@@ -103,18 +104,29 @@ class CellWrapper(RNNCell):
                 and all(_owner(cls, m) is _owner(owner, m) for m in ("project_input", "recur", "start_sequence"))
                 and self.cell.kernel_applies(device_type, dtype, amp, steps))
 
-    def _lstm_kernel_runs_me(self, own: type["CellWrapper"], methods: tuple[str, ...], device_type: str,
-                             dtype: torch.dtype, amp: Optional[torch.dtype], steps: int) -> bool:
-        """Whether ``lstm``'s kernel can do this wrapper's work inside the recurrence (zoneout, state dropout).
+    def _state_kernel(self, own: type["CellWrapper"], methods: tuple[str, ...], device_type: str,
+                      dtype: torch.dtype, amp: Optional[torch.dtype], steps: int) -> Any:
+        """The kernel module (``lstm_kernel``, ``ln_lstm_kernel``) that does this wrapper's work inside the
+        recurrence (zoneout, state dropout), or None.
 
-        A bare ``lstm`` inside, whose kernel applies, and ``own``'s versions of ``methods`` (the step methods and
-        helpers the kernel reproduces): a subclass that redefines one runs the step loop.
+        A bare ``lstm`` or ``ln_lstm`` inside, whose kernel applies, and ``own``'s versions of ``methods`` (the step
+        methods and helpers the kernel reproduces): a subclass that redefines one runs the step loop.
         """
         cls = type(self)
-        return (all(_owner(cls, m) is _owner(own, m)
+        if not (all(_owner(cls, m) is _owner(own, m)
                     for m in ("project_input", "recur", "start_sequence", "kernel_sequence", *methods))
-                and self.cell.kernel_applies(device_type, dtype, amp, steps)
-                and lstm_kernel.applies(self.cell, device_type, dtype, amp, steps))
+                and self.cell.kernel_applies(device_type, dtype, amp, steps)):
+            return None
+        for kernel in (lstm_kernel, ln_lstm_kernel):
+            if kernel.applies(self.cell, device_type, dtype, amp, steps):
+                return kernel
+        return None
+
+
+def _kernel_of(cell: RNNCell) -> Any:
+    """The kernel module of a bare cell: ``ln_lstm_kernel`` for an ``ln_lstm``, else ``lstm_kernel`` (whose
+    ``forward_sequence`` returns None for a cell it does not run, as either does where its kernel does not apply)."""
+    return ln_lstm_kernel if isinstance(cell, LayerNormLSTMCell) else lstm_kernel
 
 
 def _mask(shape: tuple[int, ...], keep: float, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -185,8 +197,8 @@ class DropoutWrapper(CellWrapper):
     def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
         if self.acts_outside_recurrence():
             return super().kernel_applies(device_type, dtype, amp, steps)
-        # state dropout: around a bare lstm, lstm's kernel drops the state it passes on itself
-        return self._lstm_kernel_runs_me(DropoutWrapper, ("_drop",), device_type, dtype, amp, steps)
+        # state dropout: around a bare lstm or ln_lstm, its kernel drops the state it passes on itself
+        return self._state_kernel(DropoutWrapper, ("_drop",), device_type, dtype, amp, steps) is not None
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
         # the step loop's draws, on the whole sequence: dropout's masks are independent per step and unit anyway
@@ -194,8 +206,8 @@ class DropoutWrapper(CellWrapper):
         if self.acts_outside_recurrence():
             result = self.cell.kernel_sequence(xd, state, lengths)
         else:
-            result = lstm_kernel.forward_sequence(self.cell, xd, state, lengths,
-                                                  state_dropout=self._state_multipliers(x.shape[1], x.shape[0]))
+            result = _kernel_of(self.cell).forward_sequence(
+                self.cell, xd, state, lengths, state_dropout=self._state_multipliers(x.shape[1], x.shape[0]))
         if result is None:
             return None
         return self._drop("output", result[0], self.output_keep_prob), result[1]  # padding stays zero
@@ -206,7 +218,7 @@ class DropoutWrapper(CellWrapper):
         mask = self._masks.get("state") if self.variational_recurrent else None  # drawn in start_sequence
         if mask is not None and mask.shape[0] == batch:
             return mask.to(torch.float32).expand(steps, batch, width)
-        kept, _ = lstm_kernel.zoneout_draws((steps, batch, width), keep, 0.0)  # 1 with probability keep
+        kept, _ = ln_lstm_kernel.zoneout_draws((steps, batch, width), keep, 0.0)  # 1 with probability keep
         return kept / keep
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
@@ -356,13 +368,14 @@ class ZoneoutWrapper(CellWrapper):
         return torch.lerp(new, old, p)
 
     def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
-        # around a bare lstm (not FGR, whose third state the kernel would not zone), lstm's kernel zones the state
-        return (self._lstm_kernel_runs_me(ZoneoutWrapper, ("_zone",), device_type, dtype, amp, steps)
-                and self.cell.variant != "FGR")
+        # around a bare lstm (not FGR, whose third state the kernel would not zone) or ln_lstm, its kernel zones the
+        # state
+        return (self._state_kernel(ZoneoutWrapper, ("_zone",), device_type, dtype, amp, steps) is not None
+                and getattr(self.cell, "variant", None) != "FGR")
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
-        return lstm_kernel.forward_sequence(self.cell, x, state, lengths,
-                                            zoneout=(self.h_prob, self.c_prob, self.training))
+        return _kernel_of(self.cell).forward_sequence(self.cell, x, state, lengths,
+                                                      zoneout=(self.h_prob, self.c_prob, self.training))
 
     def recur(self, xp_t: Tensor, state: State) -> tuple[Tensor, State]:
         out, new_state = self.cell.recur(xp_t, state)

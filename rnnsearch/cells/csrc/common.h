@@ -38,6 +38,12 @@ inline float hsum(const Vec& x) {
 #endif
 }
 inline float hsum(float x) { return x; }
+// torch.lerp(a, b, w)'s arithmetic (ATen's lerp: from b's end for w >= 0.5), so a kept unit (w = 1) is b exactly:
+// zoneout's state = lerp(new, previous, z).
+inline Vec lerp_as_torch(const Vec& a, const Vec& b, const Vec& w) {
+  return Vec::blendv(a + w * (b - a), b - (b - a) * (Vec(1.f) - w), w >= Vec(0.5f));
+}
+inline float lerp_as_torch(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w); }
 
 template <typename T> inline T sigm(const T& x) { return T(1.f) / (T(1.f) + vexp(T(0.f) - x)); }
 template <typename T> inline T tanh_e(const T& x) { return T(2.f) / (T(1.f) + vexp(T(-2.f) * x)) - T(1.f); }

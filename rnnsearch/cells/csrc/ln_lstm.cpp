@@ -1,7 +1,8 @@
 // Fused layer-norm LSTM sequence for the CPU: forward and backward over a whole sequence, float32.
 //
 // The arithmetic of rnnsearch.cells.ln_lstm.LayerNormLSTMCell (gate blocks normalised on their own,
-// the cell state once more), with each step's GEMMs (the input's products, the recurrent ones) through common.h's
+// the cell state once more), optionally under a ZoneoutWrapper or a DropoutWrapper's state dropout (the state it
+// passes on zoned or dropped here, as lstm.h does), with each step's GEMMs (the input's products, the recurrent ones) through common.h's
 // micro-kernel, each thread taking its own batch rows through the sequence where rows_apart holds, else split
 // over the threads step by step (gemm_packed; gemm_cols without AVX-512), and everything between two
 // GEMMs done in one pass per batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20,
@@ -23,17 +24,28 @@ constexpr int64_t STATS = 14;
 // x_t W_ih^T are one more GEMM of the step's (a narrow input's product over the whole sequence is slow, and its
 // pass over memory costs more than the step's GEMM). Fills the saved tensors (A (T, B, 4H): the input products;
 // Hprev (T, B, H): h_{t-1}; Cprev (T + 1, B, H): c_{t-1}, then c_T; Rhat, Acts (T, B, 4H); Tc (T, B, H): tanh of
-// the normalised cell; Stats (T, B, STATS)) and returns out (B, T, H), hT, cT.
+// the normalised cell; Stats (T, B, STATS); Cnew, zoneout only (else empty): (T, B, H), the cell before zoning)
+// and returns out (B, T, H), hT, cT. Zoneout (else both empty): Zh, Zc (T, B, H), how much of the previous h and c
+// each unit keeps (a 0/1 draw in training, the probability in eval), state = lerp(new, previous, z), the output the
+// zoned h (a ZoneoutWrapper's arithmetic); Cprev then holds the zoned cell. State dropout (else empty): Mh (T, B, H),
+// the multiplier of the h passed on as state (0 or 1 / keep), the output the h before it (a DropoutWrapper's
+// state_keep_prob). Not both: lstm.h's conventions.
 std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W_ih, const at::Tensor& h0,
                                         const at::Tensor& c0, const at::Tensor& W_hh, const at::Tensor& g_ih,
                                         const at::Tensor& g_hh, const at::Tensor& bias, const at::Tensor& g_c,
                                         const at::Tensor& b_c, const at::Tensor& valid, double forget_bias,
-                                        double eps_d, const at::Tensor& A, const at::Tensor& Hprev,
+                                        double eps_d, const at::Tensor& Zh, const at::Tensor& Zc,
+                                        const at::Tensor& Mh, const at::Tensor& A, const at::Tensor& Hprev,
                                         const at::Tensor& Cprev, const at::Tensor& Rhat, const at::Tensor& Acts,
-                                        const at::Tensor& Tc, const at::Tensor& Stats) {
+                                        const at::Tensor& Tc, const at::Tensor& Stats, const at::Tensor& Cnew) {
   for (auto* p : {&x, &W_ih, &A, &h0, &c0, &W_hh, &g_ih, &g_hh, &bias, &g_c, &b_c, &Hprev, &Cprev, &Rhat, &Acts,
                   &Tc, &Stats})
     check(*p, "every tensor");
+  const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
+  if (zoned)
+    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
+  if (sdrop) check(Mh, "the state dropout multiplier");
+  TORCH_CHECK(!(zoned && sdrop), "ln_lstm kernel: zoneout and state dropout in one call");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), G = W_hh.size(0), H = G / 4;
   TORCH_CHECK(W_ih.size(0) == G && W_ih.size(1) == I && A.size(0) == T && A.size(1) == B && A.size(2) == G,
               "ln_lstm kernel: input ", x.sizes(), ", W_ih ", W_ih.sizes(), ", A ", A.sizes(), " for ", H, " units");
@@ -53,6 +65,9 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
   float *h_all = Hprev.data_ptr<float>(), *c_all = Cprev.data_ptr<float>(), *rh_all = Rhat.data_ptr<float>(),
         *ac_all = Acts.data_ptr<float>(), *tc_all = Tc.data_ptr<float>(), *s_all = Stats.data_ptr<float>(),
         *op = out.data_ptr<float>(), *r_p = R.data_ptr<float>();
+  const float *zh_all = zoned ? Zh.data_ptr<float>() : nullptr, *zc_all = zoned ? Zc.data_ptr<float>() : nullptr,
+              *mh_all = sdrop ? Mh.data_ptr<float>() : nullptr;
+  float* cw_all = zoned ? Cnew.data_ptr<float>() : nullptr;
   const PackedB w_hh = pack_b(W_hh.data_ptr<float>(), H, G, true);  // the weights as stored, read transposed
   const PackedB w_ih = pack_b(W_ih.data_ptr<float>(), I, G, true);
   const float* x_p = x.data_ptr<float>();
@@ -80,7 +95,8 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
           s[9 + j] = ma[j];
         }
         const float* c = cp + b * H;
-        float* cnb = cn + b * H;
+        const int64_t zrow = (t * B + b) * H;  // this row's zoneout draws, pre-zoning cell, state dropout
+        float *cnb = cn + b * H, *cwb = zoned ? cw_all + zrow : cnb;  // the cell passed on; the cell before zoning
         Acc csum;
         // the gates: both products normalised on the fly (r̂ saved for backward), then the new cell
         lanes(H, [&](auto* tag, int64_t k) {
@@ -99,11 +115,11 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
           st(acb + 2 * H + k, tg);
           st(acb + 3 * H + k, so);
           Tp cnew = sf * ld(c + k, tag) + si * tg;
-          st(cnb + k, cnew);
+          st(cwb + k, cnew);
           csum.add(cnew);
         });
         const float mc = csum.total() / H;
-        const float rc = 1.f / std::sqrt(row_sum(cnb, H, [mc](const auto& v) {
+        const float rc = 1.f / std::sqrt(row_sum(cwb, H, [mc](const auto& v) {
                                             using Tp = std::decay_t<decltype(v)>;
                                             Tp d = v - Tp(mc);
                                             return d * d;
@@ -111,13 +127,20 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
         s[8] = rc;
         s[13] = mc;
         float *hnb = hn + b * H, *tcb = tcp + b * H;
+        const float *zh = zoned ? zh_all + zrow : nullptr, *zc = zoned ? zc_all + zrow : nullptr,
+                    *mh = sdrop ? mh_all + zrow : nullptr, *hpb = hp + b * H;
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
-          Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
+          Tp cnew = ld(cwb + k, tag);
+          Tp chat = (cnew - Tp(mc)) * Tp(rc);
           Tp tc = tanh_e(chat * ld(gc + k, tag) + ld(bc + k, tag));
           st(tcb + k, tc);
           Tp h = ld(acb + 3 * H + k, tag) * tc;
-          st(hnb + k, h);
+          if (zoned) {  // the state keeps part of the previous one; the output is the zoned h
+            st(cnb + k, lerp_as_torch(cnew, ld(c + k, tag), ld(zc + k, tag)));
+            h = lerp_as_torch(h, ld(hpb + k, tag), ld(zh + k, tag));
+          }
+          st(hnb + k, sdrop ? h * ld(mh + k, tag) : h);  // the state passed on; the output is h
           st(o + k, h);
         });
       }
@@ -142,7 +165,9 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
 }
 
 // Gradients of ln_lstm_forward: returns dx (B, T, I; undefined unless with_dx), dh0, dc0, dW_ih (undefined unless
-// with_dw_ih), dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. x and W_ih are the forward's, dR a work buffer of
+// with_dw_ih), dW_hh, dg_ih, dg_hh, dbias, dg_c, db_c. Zoneout's Zh, Zc, Cnew and state dropout's Mh as there (else
+// empty): the part of h's gradient a unit keeps goes straight to the previous step (Carry, (B, H)), the part of c's
+// with it. x and W_ih are the forward's, dR a work buffer of
 // dr_numel(T, B, H) floats; every saved tensor is left as it was (a second backward with retain_graph reads them
 // again). x's gradient is one more GEMM of each step's, dA_t W_ih over the rows the step just made.
 // Each layer norm's backward, rstd * (dy - mean(dy) - ŷ * mean(dy * ŷ)) with dy = gradient * gain, takes two
@@ -156,13 +181,18 @@ int64_t dr_numel(int64_t T, int64_t B, int64_t H) { return T * B * (kByPanels ? 
 std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Tensor& dhT, const at::Tensor& dcT,
                                          const at::Tensor& x, const at::Tensor& W_ih, const at::Tensor& W_hh,
                                          const at::Tensor& g_ih, const at::Tensor& g_hh, const at::Tensor& g_c,
-                                         const at::Tensor& b_c,
+                                         const at::Tensor& b_c, const at::Tensor& Zh, const at::Tensor& Zc,
+                                         const at::Tensor& Mh,
                                          const at::Tensor& A, const at::Tensor& Hprev, const at::Tensor& Cprev,
                                          const at::Tensor& Rhat, const at::Tensor& Acts, const at::Tensor& Tc,
-                                         const at::Tensor& Stats, const at::Tensor& valid, const at::Tensor& dR,
-                                         bool with_dx, bool with_dw_ih) {
+                                         const at::Tensor& Stats, const at::Tensor& Cnew, const at::Tensor& valid,
+                                         const at::Tensor& dR, bool with_dx, bool with_dw_ih) {
   for (auto* p : {&x, &W_ih, &W_hh, &g_ih, &g_hh, &g_c, &A, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats, &dR})
     check(*p, "every tensor");
+  const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
+  if (zoned)
+    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
+  if (sdrop) check(Mh, "the state dropout multiplier");
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = 4 * H, I = x.size(2);
   TORCH_CHECK(dR.numel() >= dr_numel(T, B, H), "ln_lstm kernel: dR holds ", dR.numel(), " floats, not ",
@@ -177,6 +207,10 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   at::Tensor dH = dhT.contiguous().clone(), dC = dcT.contiguous().clone(), dHn = at::empty({B, H}, opts);
   at::Tensor part4 = at::zeros({nthreads, 3, G}, opts), part1 = at::zeros({nthreads, 2, H}, opts);
   at::Tensor scratch = at::empty({nthreads, G + H}, opts);
+  at::Tensor Carry = at::empty({zoned ? B : 0, H}, opts);  // zoneout: h's gradient that skips the step
+  float* carry = Carry.data_ptr<float>();
+  const float *zh_all = zoned ? Zh.data_ptr<float>() : nullptr, *zc_all = zoned ? Zc.data_ptr<float>() : nullptr,
+              *mh_all = sdrop ? Mh.data_ptr<float>() : nullptr, *cw_all = zoned ? Cnew.data_ptr<float>() : nullptr;
   const float *gih = g_ih.data_ptr<float>(), *ghh = g_hh.data_ptr<float>(), *gc = g_c.data_ptr<float>(),
               *do_p = dout.data_ptr<float>(), *a_p = A.data_ptr<float>();
   const bool* vp = masked ? valid.data_ptr<bool>() : nullptr;
@@ -220,8 +254,12 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           store_row();
           continue;
         }
-        const float *acb = ac + b * G, *cnb = cn + b * H, *tcb = tcp + b * H, *s = sp + b * STATS,
-                    *dob = do_p + (b * T + t) * H;
+        const int64_t zrow = (t * B + b) * H;
+        const float *acb = ac + b * G, *tcb = tcp + b * H, *s = sp + b * STATS, *dob = do_p + (b * T + t) * H,
+                    *cnb = zoned ? cw_all + zrow : cn + b * H,  // the cell before zoning
+                    *zh = zoned ? zh_all + zrow : nullptr, *zc = zoned ? zc_all + zrow : nullptr,
+                    *mh = sdrop ? mh_all + zrow : nullptr;
+        float* cab = zoned ? carry + b * H : nullptr;
         const float* dhb = dh + b * H;
         float* dcb = dc + b * H;
         const float mc = s[13], rc = s[8];
@@ -230,7 +268,14 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           using Tp = std::remove_pointer_t<decltype(tag)>;
           Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
           Tp tc = ld(tcb + k, tag);
-          Tp d = ld(dhb + k, tag) + ld(dob + k, tag);
+          Tp dstate = ld(dhb + k, tag);  // the gradient of the h passed on
+          if (sdrop) dstate = dstate * ld(mh + k, tag);
+          Tp d = dstate + ld(dob + k, tag);
+          if (zoned) {  // state = new + z (previous - new): (1 - z) of the gradient to the new, z to the previous
+            Tp z = ld(zh + k, tag);
+            st(cab + k, z * d);
+            d = d - z * d;
+          }
           Tp so = ld(acb + 3 * H + k, tag);
           Tp g = d * so * (Tp(1.f) - tc * tc);
           st(p1 + k, ld(p1 + k, tag) + g * chat);
@@ -246,12 +291,17 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
         lanes(H, [&](auto* tag, int64_t k) {
           using Tp = std::remove_pointer_t<decltype(tag)>;
           Tp chat = (ld(cnb + k, tag) - Tp(mc)) * Tp(rc);
-          Tp dct = ld(dcb + k, tag) + Tp(rc) * (ld(dcn + k, tag) * ld(gc + k, tag) - Tp(cm1) - chat * Tp(cm2));
+          Tp dcin = ld(dcb + k, tag), dckeep(0.f);
+          if (zoned) {  // likewise the cell's
+            dckeep = ld(zc + k, tag) * dcin;
+            dcin = dcin - dckeep;
+          }
+          Tp dct = dcin + Tp(rc) * (ld(dcn + k, tag) * ld(gc + k, tag) - Tp(cm1) - chat * Tp(cm2));
           Tp si = ld(acb + k, tag), sf = ld(acb + H + k, tag), tg = ld(acb + 2 * H + k, tag);
           st(dg + k, dct * tg * si * (Tp(1.f) - si));
           st(dg + H + k, dct * ld(cpb + k, tag) * sf * (Tp(1.f) - sf));
           st(dg + 2 * H + k, dct * si * (Tp(1.f) - tg * tg));
-          st(dcb + k, dct * sf);
+          st(dcb + k, dct * sf + dckeep);
         });
         const float* rhb = rh + b * G;
         const float* a = a_p + (t * B + b) * G;
@@ -285,11 +335,19 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
       fence_streams();  // the panels, before gemm_tn reads them (on whichever thread)
     }
   };
-  // rows past their length carry dh unchanged
+  // after the step's GEMM (dhn = dR W_hh): rows past their length carry dh unchanged; zoneout's kept part of h's
+  // gradient goes past the step
   auto carry_rows = [&](int64_t t, const float* dh, float* dhn, int64_t b0, int64_t b1) {
-    if (masked)
-      for (int64_t b = b0; b < b1; ++b)
-        if (!vp[t * B + b]) std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
+    if (masked || zoned)
+      for (int64_t b = b0; b < b1; ++b) {
+        if (masked && !vp[t * B + b]) {
+          std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
+        } else if (zoned) {
+          float* d = dhn + b * H;
+          const float* k0 = carry + b * H;
+          lanes(H, [&](auto* tag, int64_t k) { st(d + k, ld(d + k, tag) + ld(k0 + k, tag)); });
+        }
+      }
   };
   if (rows_apart(B)) {  // each thread its own rows, through every step (dH and dHn swapped per thread)
     per_thread_rows(B, [&](int64_t b0, int64_t b1) {

@@ -19,11 +19,6 @@ namespace {
 // x clipped to [-c, c] (NaN stays NaN, as in torch.clamp).
 inline Vec clip_to(const Vec& x, float c) { return at::vec::clamp(x, Vec(-c), Vec(c)); }
 inline float clip_to(float x, float c) { return std::min(std::max(x, -c), c); }
-// torch.lerp(a, b, w)'s arithmetic (ATen's lerp: from b's end for w >= 0.5), so a kept unit (w = 1) is b exactly.
-inline Vec lerp_as_torch(const Vec& a, const Vec& b, const Vec& w) {
-  return Vec::blendv(a + w * (b - a), b - (b - a) * (Vec(1.f) - w), w >= Vec(0.5f));
-}
-inline float lerp_as_torch(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.f - w); }
 // g where the clip left x alone (|x| < c), else 0: the clip's gradient, read off its output.
 inline Vec where_unclipped(const Vec& g, const Vec& x, float c) { return Vec::blendv(Vec(0.f), g, x.abs() < Vec(c)); }
 inline float where_unclipped(float g, float x, float c) { return std::abs(x) < c ? g : 0.f; }
