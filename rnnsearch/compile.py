@@ -41,7 +41,7 @@ per compiled cell signature records that a warm compile exists.
 
 *Two cells have their own kernels*: where the compiled path runs, a float32 CPU training sequence of
 ``ln_lstm`` or of an ``lstm`` without projection (any variant), bare or under wrappers that act outside the
-recurrence (and ``lstm`` under zoneout), runs a hand-written fused forward and backward
+recurrence (and, around the bare cell, zoneout or state dropout), runs a hand-written fused forward and backward
 (:mod:`rnnsearch.cells.ln_lstm_kernel`, :mod:`rnnsearch.cells.lstm_kernel`) instead of inductor's graphs
 (docs/performance.md; ``RNNCell.kernel_applies``). One extension holds both; it is built once per machine and
 PyTorch version (about a minute), whatever the cells' shapes.

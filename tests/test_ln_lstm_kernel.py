@@ -448,3 +448,18 @@ def test_the_kernels_weight_gradient_gemm_matches_torch_mm(rows, m, n, threads):
     expected = torch.mm(x.double().t(), y.double())
     assert got.shape == (m, n)
     assert (got.double() - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())
+
+
+@pytest.mark.parametrize("bad", ["zoneout-shape", "state-dropout-shape", "both"])
+def test_the_kernel_refuses_zoneout_or_state_dropout_tensors_that_do_not_fit(bad):
+    """A mask of another sequence's shape would be read out of bounds: the kernel says so instead."""
+    cell = _cell()
+    x = torch.randn(B, T, IN)
+    h0 = torch.zeros(B, cell.hidden_size)
+    fits, wrong, none = torch.ones(T, B, cell.hidden_size), torch.ones(T, B - 1, cell.hidden_size), torch.empty(0)
+    zh, zc, mh = {"zoneout-shape": (wrong, fits, none), "state-dropout-shape": (none, none, wrong),
+                  "both": (fits, fits, fits)}[bad]
+    with pytest.raises(RuntimeError, match="zoneout" if bad != "both" else "zoneout and state dropout in one call"):
+        ln_lstm_kernel.LNLSTMSequence.apply(x, cell.weight_ih, h0, h0, cell.weight_hh, cell.ln_ih_weight,
+                                            cell.ln_hh_weight, cell.bias, cell.ln_c_weight, cell.ln_c_bias,
+                                            torch.empty(0, dtype=torch.bool), zh, zc, mh, 1.0, 1e-5)

@@ -228,7 +228,8 @@ def _zoned_reference(cell: RNNCell, x: torch.Tensor, lengths: Optional[torch.Ten
 @pytest.mark.parametrize("name,options,lengths", [
     ("lstm", {}, None), ("lstm", {"use_peepholes": True, "cell_clip": 0.5}, LENGTHS),
     ("lstm", {"variant": "CIFG", "use_peepholes": True}, LENGTHS), ("lstm", {"input_size": 7}, LENGTHS),
-    ("ln_lstm", {}, None), ("ln_lstm", {"forget_bias": 0.3, "eps": 1e-3}, LENGTHS), ("ln_lstm", {"input_size": 7}, LENGTHS),
+    ("ln_lstm", {}, None), ("ln_lstm", {"forget_bias": 0.3, "eps": 1e-3}, LENGTHS),
+    ("ln_lstm", {"input_size": 7}, LENGTHS),
 ], ids=["plain", "peepholes-clip-lengths", "CIFG", "input-7-lengths", "ln_lstm", "ln_lstm-options-lengths",
         "ln_lstm-input-7-lengths"])
 def test_zoneout_around_a_cell_runs_its_kernel_with_the_wrappers_arithmetic(name, options, lengths, monkeypatch):

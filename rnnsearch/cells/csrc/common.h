@@ -340,7 +340,7 @@ inline void store_panels(const float* row, int64_t N, float* yp, int64_t K, int6
 // or stored by panels (store_panels; panels true): a weight's gradient over a whole sequence's rows (K = steps x
 // batch), without a transposed copy. With the micro-kernel: each thread takes its share of Y's 64-column panels
 // (and of C's rows, where the panels do not divide among the threads) and goes through K in blocks of kTnBlock rows,
-// packing the block's X (in tiles of 6 columns) and, for a row-major Y, each of its panels before it multiplies them
+// packing the block's X (in tiles of up to 6 columns, split evenly) and, for a row-major Y, each of its panels before it multiplies them
 // (read in place, rows 4 KiB apart would share cache sets); else at::mm.
 constexpr int64_t kTnBlock = 512;
 at::Tensor gemm_tn_of(const at::Tensor& X, const float* y, int64_t N, bool panels) {
@@ -417,6 +417,21 @@ at::Tensor gemm_tn(const at::Tensor& X, const at::Tensor& Y) {
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), "ln_lstm kernel: ", name,
               " must be a contiguous float32 CPU tensor");
+}
+
+// Zoneout's Zh, Zc and saved pre-zoning cell Cnew, or state dropout's Mh (each kind empty where not used): not both
+// kinds, and each given tensor (T, B, H), contiguous float32 on the CPU.
+void check_state_wrappers(const at::Tensor& Zh, const at::Tensor& Zc, const at::Tensor& Cnew, const at::Tensor& Mh,
+                          int64_t T, int64_t B, int64_t H) {
+  const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
+  TORCH_CHECK(!(zoned && sdrop), "kernel: zoneout and state dropout in one call");
+  for (const at::Tensor* p : {&Zh, &Zc, &Cnew, &Mh}) {
+    if (p == &Mh ? !sdrop : !zoned) continue;
+    check(*p, "a zoneout or state dropout tensor");
+    TORCH_CHECK(p->dim() == 3 && p->size(0) == T && p->size(1) == B && p->size(2) == H,
+                "kernel: a zoneout or state dropout tensor of ", p->sizes(), " for ", T, " steps, ", B, " rows and ",
+                H, " units");
+  }
 }
 
 }  // namespace

@@ -1,15 +1,15 @@
 // Fused layer-norm LSTM sequence for the CPU: forward and backward over a whole sequence, float32.
 //
-// The arithmetic of rnnsearch.cells.ln_lstm.LayerNormLSTMCell (gate blocks normalised on their own,
-// the cell state once more), optionally under a ZoneoutWrapper or a DropoutWrapper's state dropout (the state it
-// passes on zoned or dropped here, as lstm.h does), with each step's GEMMs (the input's products, the recurrent ones) through common.h's
-// micro-kernel, each thread taking its own batch rows through the sequence where rows_apart holds, else split
-// over the threads step by step (gemm_packed; gemm_cols without AVX-512), and everything between two
-// GEMMs done in one pass per batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20,
-// tanh and sigmoid in exp form, as rnnsearch.compile's inductor options). The backward pass accumulates
-// the gains' and bias' gradients per thread while each row is in cache, makes the input's gradient with one more
-// GEMM each step, and computes both weights' gradients in one GEMM each after the loop. Built and loaded by
-// rnnsearch.cells.ln_lstm_kernel; the extension's one translation unit, it also binds the `lstm` kernel of lstm.h.
+// The arithmetic of rnnsearch.cells.ln_lstm.LayerNormLSTMCell (gate blocks normalised on their own, the cell state
+// once more), optionally under a ZoneoutWrapper or a DropoutWrapper's state dropout (the state it passes on zoned or
+// dropped here, as lstm.h does), with each step's GEMMs (the input's products, the recurrent ones) through common.h's
+// micro-kernel, each thread taking its own batch rows through the sequence where rows_apart holds, else split over the
+// threads step by step (gemm_packed; gemm_cols without AVX-512), and everything between two GEMMs done in one pass per
+// batch row, vectorised with ATen's own at::vec (exp as inductor's exp_u20, tanh and sigmoid in exp form, as
+// rnnsearch.compile's inductor options). The backward pass accumulates the gains' and bias' gradients per thread while
+// each row is in cache, makes the input's gradient with one more GEMM each step, and computes both weights' gradients
+// in one GEMM each after the loop. Built and loaded by rnnsearch.cells.ln_lstm_kernel; the extension's one translation
+// unit, it also binds the `lstm` kernel of lstm.h.
 #include "common.h"
 #include "lstm.h"
 
@@ -42,11 +42,8 @@ std::vector<at::Tensor> ln_lstm_forward(const at::Tensor& x, const at::Tensor& W
                   &Tc, &Stats})
     check(*p, "every tensor");
   const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
-  if (zoned)
-    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
-  if (sdrop) check(Mh, "the state dropout multiplier");
-  TORCH_CHECK(!(zoned && sdrop), "ln_lstm kernel: zoneout and state dropout in one call");
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), G = W_hh.size(0), H = G / 4;
+  check_state_wrappers(Zh, Zc, Cnew, Mh, T, B, H);
   TORCH_CHECK(W_ih.size(0) == G && W_ih.size(1) == I && A.size(0) == T && A.size(1) == B && A.size(2) == G,
               "ln_lstm kernel: input ", x.sizes(), ", W_ih ", W_ih.sizes(), ", A ", A.sizes(), " for ", H, " units");
   const bool masked = valid.numel() > 0;
@@ -190,11 +187,9 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
   for (auto* p : {&x, &W_ih, &W_hh, &g_ih, &g_hh, &g_c, &A, &Hprev, &Cprev, &Rhat, &Acts, &Tc, &Stats, &dR})
     check(*p, "every tensor");
   const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
-  if (zoned)
-    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
-  if (sdrop) check(Mh, "the state dropout multiplier");
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = Hprev.size(0), B = Hprev.size(1), H = Hprev.size(2), G = 4 * H, I = x.size(2);
+  check_state_wrappers(Zh, Zc, Cnew, Mh, T, B, H);
   TORCH_CHECK(dR.numel() >= dr_numel(T, B, H), "ln_lstm kernel: dR holds ", dR.numel(), " floats, not ",
               dr_numel(T, B, H));
   const bool masked = valid.numel() > 0;
@@ -367,7 +362,7 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
       at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { step_rows(t, dh, b0, b1); });
       gemm_packed(dr_row(t, 0), w_hh, dhn, B);
       if (with_dx) gemm_packed(da_row(t, 0), w_ih, dx_p + t * I, B, da_lda, T * I);
-      carry_rows(t, dh, dhn, 0, B);
+      if (masked || zoned) at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) { carry_rows(t, dh, dhn, b0, b1); });
       std::swap(dH, dHn);
     }
   }

@@ -72,14 +72,11 @@ std::vector<at::Tensor> lstm_forward(const at::Tensor& h0, const at::Tensor& c0,
   if (fgr)
     for (auto* p : {&s0, &W_gr, &S}) check(*p, "an FGR tensor");
   const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
-  if (zoned)
-    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
-  if (sdrop) check(Mh, "the state dropout multiplier");
-  TORCH_CHECK(!(zoned && sdrop), "lstm kernel: zoneout and state dropout in one call");
   for (auto* p : {&w_ci, &w_cf, &w_co})
     if (p->numel() > 0) check(*p, "a peephole weight");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   const int64_t T = XH.size(0), B = XH.size(1), W = XH.size(2), H = h0.size(1), I = W - H;
+  check_state_wrappers(Zh, Zc, Cnew, Mh, T, B, H);
   const int64_t G = W_cat.size(0);
   TORCH_CHECK(W_cat.size(1) == W && bias.numel() == G, "lstm kernel: weights ", W_cat.sizes(), " and bias ",
               bias.sizes(), " for ", I, " inputs and ", H, " units");
@@ -227,12 +224,10 @@ std::vector<at::Tensor> lstm_backward(const at::Tensor& dout_in, const at::Tenso
   if (fgr)
     for (auto* p : {&W_gr, &S, &dQ}) check(*p, "an FGR tensor");
   const bool zoned = Zh.numel() > 0, sdrop = Mh.numel() > 0;
-  if (zoned)
-    for (auto* p : {&Zh, &Zc, &Cnew}) check(*p, "a zoneout tensor");
-  if (sdrop) check(Mh, "the state dropout multiplier");
   const bool pi = w_ci.numel() > 0, pf = w_cf.numel() > 0, po = w_co.numel() > 0;
   at::Tensor dout = dout_in.contiguous();
   const int64_t T = XH.size(0), B = XH.size(1), W = XH.size(2), H = W_hh.size(1), G = W_hh.size(0);
+  check_state_wrappers(Zh, Zc, Cnew, Mh, T, B, H);
   const bool masked = valid.numel() > 0, clipped = cell_clip > 0;
   const float cc = static_cast<float>(cell_clip);
   auto opts = XH.options();
