@@ -104,28 +104,24 @@ class CellWrapper(RNNCell):
                 and all(_owner(cls, m) is _owner(owner, m) for m in ("project_input", "recur", "start_sequence"))
                 and self.cell.kernel_applies(device_type, dtype, amp, steps))
 
-    def _state_kernel(self, own: type["CellWrapper"], methods: tuple[str, ...], device_type: str,
-                      dtype: torch.dtype, amp: Optional[torch.dtype], steps: int) -> Any:
-        """The kernel module (``lstm_kernel``, ``ln_lstm_kernel``) that does this wrapper's work inside the
-        recurrence (zoneout, state dropout), or None.
+    def _state_kernel_runs_me(self, own: type["CellWrapper"], methods: tuple[str, ...], device_type: str,
+                              dtype: torch.dtype, amp: Optional[torch.dtype], steps: int) -> bool:
+        """Whether the bare cell's kernel (``lstm``'s, ``ln_lstm``'s) can do this wrapper's work inside the
+        recurrence (zoneout, state dropout).
 
         A bare ``lstm`` or ``ln_lstm`` inside, whose kernel applies, and ``own``'s versions of ``methods`` (the step
         methods and helpers the kernel reproduces): a subclass that redefines one runs the step loop.
         """
         cls = type(self)
-        if not (all(_owner(cls, m) is _owner(own, m)
+        return (all(_owner(cls, m) is _owner(own, m)
                     for m in ("project_input", "recur", "start_sequence", "kernel_sequence", *methods))
-                and self.cell.kernel_applies(device_type, dtype, amp, steps)):
-            return None
-        for kernel in (lstm_kernel, ln_lstm_kernel):
-            if kernel.applies(self.cell, device_type, dtype, amp, steps):
-                return kernel
-        return None
+                and self.cell.kernel_applies(device_type, dtype, amp, steps)
+                and _kernel_of(self.cell).applies(self.cell, device_type, dtype, amp, steps))
 
 
 def _kernel_of(cell: RNNCell) -> Any:
     """The kernel module of a bare cell: ``ln_lstm_kernel`` for an ``ln_lstm``, else ``lstm_kernel`` (whose
-    ``forward_sequence`` returns None for a cell it does not run, as either does where its kernel does not apply)."""
+    ``applies`` is False, and ``forward_sequence`` None, for a cell it does not run)."""
     return ln_lstm_kernel if isinstance(cell, LayerNormLSTMCell) else lstm_kernel
 
 
@@ -198,7 +194,7 @@ class DropoutWrapper(CellWrapper):
         if self.acts_outside_recurrence():
             return super().kernel_applies(device_type, dtype, amp, steps)
         # state dropout: around a bare lstm or ln_lstm, its kernel drops the state it passes on itself
-        return self._state_kernel(DropoutWrapper, ("_drop",), device_type, dtype, amp, steps) is not None
+        return self._state_kernel_runs_me(DropoutWrapper, ("_drop",), device_type, dtype, amp, steps)
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
         # the step loop's draws, on the whole sequence: dropout's masks are independent per step and unit anyway
@@ -370,7 +366,7 @@ class ZoneoutWrapper(CellWrapper):
     def kernel_applies(self, device_type: str, dtype: torch.dtype, amp: Optional[torch.dtype], steps: int = 2) -> bool:
         # around a bare lstm (not FGR, whose third state the kernel would not zone) or ln_lstm, its kernel zones the
         # state
-        return (self._state_kernel(ZoneoutWrapper, ("_zone",), device_type, dtype, amp, steps) is not None
+        return (self._state_kernel_runs_me(ZoneoutWrapper, ("_zone",), device_type, dtype, amp, steps)
                 and getattr(self.cell, "variant", None) != "FGR")
 
     def kernel_sequence(self, x: Tensor, state: State, lengths: Optional[Tensor]) -> Optional[tuple[Tensor, State]]:
