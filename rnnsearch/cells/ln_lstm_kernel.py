@@ -33,6 +33,7 @@ step cost more in page faults than the kernel's own arithmetic (under glibc's de
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sys
 import sysconfig
@@ -154,14 +155,18 @@ class Workspace:
         self._lock = threading.RLock()
 
     def take(self, shapes: Sequence[tuple[int, ...]], like: Tensor, fresh_drops_others: bool = True) -> list[Tensor]:
-        """Buffers of ``shapes`` (``like``'s dtype and device); a shape the workspace has not seen drops the others."""
+        """Buffers of ``shapes`` (``like``'s dtype and device); a shape the workspace has not seen drops the others.
+
+        An empty shape (a buffer this call does without, e.g. ``(0,)``) gets an empty tensor, never pooled.
+        """
         keys = [(tuple(s), like.dtype, like.device) for s in shapes]
+        pooled = [k for k in keys if math.prod(k[0])]
         with self._lock:
-            if fresh_drops_others and any(k not in self._free for k in keys):
-                self._free = {k: v for k, v in self._free.items() if k in keys}
+            if fresh_drops_others and any(k not in self._free for k in pooled):
+                self._free = {k: v for k, v in self._free.items() if k in pooled}
             out = []
             for key in keys:
-                free = self._free.get(key)
+                free = self._free.get(key) if math.prod(key[0]) else None
                 if free:
                     t = free.pop()
                     torch.autograd.graph.increment_version(t)
@@ -175,9 +180,11 @@ class Workspace:
         weakref.finalize(ctx, self.give, list(tensors)).atexit = False
 
     def give(self, tensors: Sequence[Tensor]) -> None:
-        """Hand buffers back (a buffer already free is not added twice)."""
+        """Hand buffers back (a buffer already free is not added twice; an empty one is dropped)."""
         with self._lock:
             for t in tensors:
+                if t.numel() == 0:
+                    continue
                 free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
                 if not any(f is t for f in free):
                     free.append(t)
@@ -208,14 +215,12 @@ class LNLSTMSequence(torch.autograd.Function):
         ext = load()
         x = x.contiguous()
         (B, T, _), G = x.shape, W_hh.shape[0]
-        shapes = _saved_shapes(B, T, G // 4, Zh.numel() > 0)
-        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], x)  # the input's products A (T, B, 4H) first
-        saved = [bufs.pop(0) if s != (0,) else x.new_empty(0) for s in shapes]  # ..., Stats, Cnew
+        saved = WORKSPACE.take(_saved_shapes(B, T, G // 4, Zh.numel() > 0), x)  # A (T, B, 4H) first, ..., Cnew
         W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c = (t.contiguous() for t in (W_ih, W_hh, g_ih, g_hh, bias, g_c, b_c))
         out, hT, cT = ext.forward(x, W_ih, h0.contiguous(), c0.contiguous(), W_hh, g_ih, g_hh, bias, g_c, b_c, valid,
                                   float(forget_bias), float(eps), Zh, Zc, Mh, *saved)
         ctx.save_for_backward(x, W_ih, W_hh, g_ih, g_hh, g_c, b_c, valid, Zh, Zc, Mh, *saved)
-        WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
+        WORKSPACE.give_when_freed(ctx, saved)
         return out, hT, cT
 
     @staticmethod

@@ -63,8 +63,7 @@ class LSTMSequence(torch.autograd.Function):
         B, T, I = x.shape
         H = h0.shape[1]
         shapes = _saved_shapes(B, T, I, H, W_gr.numel() > 0, Zh.numel() > 0)
-        bufs = WORKSPACE.take([s for s in shapes if s != (0,)], x)
-        saved = [bufs.pop(0) if s != (0,) else x.new_empty(0) for s in shapes]  # XH, Cprev, Acts, Tc, S, Cnew
+        saved = WORKSPACE.take(shapes, x)  # XH, Cprev, Acts, Tc, S, Cnew (the last two empty where not used)
         XH = saved[0]  # time-major rows [x_t, h_{t-1}]: the kernel writes the h part
         XH[:, :, :I].copy_(x.transpose(0, 1))
         W_ih, W_hh, bias, W_gr, w_ci, w_cf, w_co = (t.contiguous() for t in (W_ih, W_hh, bias, W_gr, w_ci, w_cf, w_co))
@@ -74,7 +73,7 @@ class LSTMSequence(torch.autograd.Function):
                                            s0.contiguous(), W_gr, *saved[:5], Zh, Zc, saved[5], Mh)
         ctx.save_for_backward(W_ih, W_hh, W_gr, w_ci, w_cf, w_co, valid, Zh, Zc, Mh, *saved)
         ctx.cell_clip, ctx.variant = float(cell_clip), int(variant)
-        WORKSPACE.give_when_freed(ctx, [t for t in saved if t.numel()])
+        WORKSPACE.give_when_freed(ctx, saved)
         return out, hT, cT, sT
 
     @staticmethod

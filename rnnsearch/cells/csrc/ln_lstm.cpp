@@ -339,8 +339,8 @@ std::vector<at::Tensor> ln_lstm_backward(const at::Tensor& dout_in, const at::Te
           std::copy(dh + b * H, dh + (b + 1) * H, dhn + b * H);
         } else if (zoned) {
           float* d = dhn + b * H;
-          const float* k0 = carry + b * H;
-          lanes(H, [&](auto* tag, int64_t k) { st(d + k, ld(d + k, tag) + ld(k0 + k, tag)); });
+          const float* kept = carry + b * H;
+          lanes(H, [&](auto* tag, int64_t k) { st(d + k, ld(d + k, tag) + ld(kept + k, tag)); });
         }
       }
   };
